@@ -1,0 +1,2 @@
+"""dinobridge: DINOv3-style self-supervised pretraining."""
+__version__ = "0.1.0"
