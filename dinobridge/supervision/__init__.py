@@ -33,7 +33,7 @@ Under DDP wrap the student (and ``sup``; the teacher's frozen parameters are ign
 ``loss="vicreg"`` every rank must call ``sup`` every step with the same batch size.
 """
 
-from .gather import dist_active, gather_no_grad, gather_with_grad
+from dinobridge.distributed.comm import dist_active, gather_no_grad, gather_with_grad
 from .hf_adapter import HFBackboneAdapter
 from .losses import LOSSES, CosineAlignLoss, NormalizedMSELoss, VICRegAlignLoss, build_alignment_loss
 from .pooling import pool_feature_map, pool_patch_tokens

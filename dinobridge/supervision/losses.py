@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gather import dist_active
+from dinobridge.distributed.comm import dist_active
 from .vicreg import VICRegAlignLoss
 
 __all__ = ["CosineAlignLoss", "NormalizedMSELoss", "VICRegAlignLoss", "build_alignment_loss", "LOSSES"]

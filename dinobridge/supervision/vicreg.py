@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gather import gather_no_grad, gather_with_grad
+from dinobridge.distributed.comm import gather_no_grad, gather_with_grad
 
 __all__ = ["VICRegAlignLoss"]
 

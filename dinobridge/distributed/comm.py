@@ -1,4 +1,7 @@
-"""Cross-rank gathering of batch features, with or without gradient.
+"""Collectives used by losses and balancers; each is a no-op without a process group.
+
+`dist_ready` / `world_size` / `all_reduce`: plain reductions (Sinkhorn sums, counts, centres).
+`gather_with_grad` / `gather_no_grad`: cross-rank gathering of batch features.
 
 The gradient of a gathered tensor flows back to the rank that owns each slice: the backward pass sums the
 incoming gradients of all ranks (all-reduce) and keeps the local slice. When every rank computes the same
@@ -16,7 +19,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["dist_active", "gather_with_grad", "gather_no_grad"]
+from typing import Optional
+
+__all__ = ["dist_ready", "dist_active", "world_size", "all_reduce", "gather_with_grad", "gather_no_grad"]
+
+
+def dist_ready() -> bool:
+    """True when a default process group exists (collectives are needed)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group: Optional[dist.ProcessGroup] = None) -> int:
+    return dist.get_world_size(group) if dist_ready() else 1
+
+
+def all_reduce(t: Tensor, op: str = "sum", group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """In-place all-reduce (`op` in {"sum", "max"}) over `group`; a no-op without a process group."""
+    if dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return t
 
 
 def dist_active(group: dist.ProcessGroup | None = None) -> bool:
