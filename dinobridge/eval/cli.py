@@ -1,0 +1,278 @@
+"""`dinobridge eval`: evaluate frozen backbone features.
+
+    dinobridge eval knn --model dinov3_vitl16 --weights W.pth --train DIR --val DIR [--k 20 200] [--temperature 0.07]
+    dinobridge eval knn --config RUN_DIR/config.yaml --weights RUN_DIR/eval/training_X/teacher_checkpoint.pth ...
+    dinobridge eval knn --arch vit_small --patch-size 8 --override n_storage_tokens=4 --weights W.pth ...
+
+DIRs are class-folder layouts (DIR/<class>/<image>); the val classes must be among the train classes. The model comes
+from a hub name, from the `student:` block of a run's config (arch preset + ViT options; as in the official trainer,
+the preset fixes ffn_ratio, and RoPE runs in fp32 at eval), or from a preset name. Images go through the DINO eval
+transform (short side to --resize-size, centre crop --size; see dinobridge.eval.extract), then the normed CLS token
+is classified by weighted kNN (dinobridge.eval.knn). Usage errors print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from dinobridge.errors import UserError
+
+PROG = "dinobridge eval"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# student.* keys that the backbone ignores at eval time: ffn_ratio is fixed by the arch preset (official trainer),
+# RoPE runs in fp32, the input has 3 channels, training-only regularisers are off.
+_STUDENT_KEYS_IGNORED = ("ffn_ratio", "pos_embed_rope_dtype", "in_chans", "drop_path_rate", "patch_drop")
+
+
+class UsageError(UserError):
+    """A problem with the command line or its files; one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Evaluate frozen backbone features.")
+    sub = ap.add_subparsers(dest="command", metavar="{knn}")
+    knn = sub.add_parser("knn", help="weighted kNN classification (DINO protocol) on class-folder datasets",
+                         description="Weighted kNN accuracy of the normed CLS features (DINO protocol).")
+    src = knn.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="NAME", help="hub model, e.g. dinov3_vitl16, dinov2_vitb14_reg")
+    src.add_argument("--config", metavar="FILE", help="config.yaml of a dinobridge run (or the run directory); "
+                     "the backbone is built from its student: block")
+    src.add_argument("--arch", metavar="PRESET", help="ViT preset (vit_small, vit_base, ...); see --patch-size, "
+                     "--override")
+    knn.add_argument("--patch-size", type=int, metavar="P", help="patch size with --arch (default 16)")
+    knn.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="architecture field (a ViTConfig field), e.g. n_storage_tokens=4; repeatable")
+    knn.add_argument("--weights", metavar="FILE", help="backbone weights (.pth/.safetensors: official, teacher "
+                     "export or HF layout)")
+    knn.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
+    knn.add_argument("--train", required=True, metavar="DIR", help="train set, DIR/<class>/<image>")
+    knn.add_argument("--val", required=True, metavar="DIR", help="val set, DIR/<class>/<image>")
+    knn.add_argument("--k", type=int, nargs="+", default=[20, 200], metavar="K", help="neighbours (default 20 200)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    knn.add_argument("--size", type=int, default=224, help="centre-crop side, rounded to a multiple of the patch "
+                     "size (default 224; e.g. 32 for CIFAR with a small-patch model)")
+    knn.add_argument("--resize-size", type=int, metavar="R", help="short side before the crop (default "
+                     "size*256/224, the DINO protocol; pass the same value as --size to keep whole square images)")
+    knn.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N")
+    knn.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps | xpu (default auto)")
+    knn.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype (default fp32)")
+    knn.add_argument("--output", metavar="FILE", help="also write the results as JSON")
+    knn.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+# ---------------------------------------------------------------------- checks and model building
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """["key=value", ...] -> {key: python value}; keys must be ViTConfig fields."""
+    from dinobridge.models.vision_transformer import ViTConfig
+
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise UsageError(f"--override: expected KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise UsageError(f"--override: unknown architecture field {key!r}; expected one of {sorted(fields)}")
+        if raw.lower() in ("true", "false", "none", "null"):
+            out[key] = {"true": True, "false": False}.get(raw.lower())
+        else:
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
+    return out
+
+
+def student_vit_kwargs(student: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A run config's `student:` block -> (arch preset, build_vit keyword arguments) for evaluation."""
+    from dinobridge.models.vision_transformer import ViTConfig
+
+    if "arch" not in student:
+        raise UsageError("--config: student.arch is missing; expected a preset name such as vit_large")
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    kwargs = {k: v for k, v in student.items() if k in fields and k not in _STUDENT_KEYS_IGNORED}
+    return str(student["arch"]), kwargs
+
+
+def load_student_config(path: Path) -> dict[str, Any]:
+    """The `student:` block of a run config file (or of RUN_DIR/config.yaml) as a plain dict."""
+    from omegaconf import OmegaConf
+
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"--config: {path} not found; expected a run's config.yaml or its run directory")
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # YAML syntax, interpolation errors
+        raise UsageError(f"--config: cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    student = cfg.get("student") if isinstance(cfg, dict) else None
+    if not isinstance(student, dict):
+        raise UsageError(f"--config: {path} has no student: section")
+    return student
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, xpu, mps or cpu (the first available); otherwise the named device, checked."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    xpu_ok = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("xpu" if xpu_ok else "mps" if mps_ok else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected auto, cpu, cuda, cuda:N, mps or xpu, got {name!r}") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_ok, "xpu": xpu_ok}
+    if not available.get(device.type, True):
+        raise UsageError(f"--device: {name} requested but it is not available; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need neither data nor model."""
+    from dinobridge.hub import ENTRYPOINTS
+    from dinobridge.models.vision_transformer import ARCHS
+
+    if args.model is not None and args.model not in ENTRYPOINTS:
+        raise UsageError(f"--model: unknown model {args.model!r}; expected one of {', '.join(ENTRYPOINTS)}")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UsageError(f"--arch: unknown preset {args.arch!r}; expected one of {', '.join(sorted(ARCHS))}")
+    if args.patch_size is not None and (args.arch is None or args.patch_size < 1):
+        raise UsageError("--patch-size: expected a positive int, used with --arch only (else use --override)")
+    if args.weights is None and not args.random_init:
+        raise UsageError("--weights: a weights file is required (or --random-init for a random baseline)")
+    if args.weights is not None and args.random_init:
+        raise UsageError("--weights and --random-init are exclusive: choose one")
+    if args.weights is not None and not Path(args.weights).expanduser().is_file():
+        raise UsageError(f"--weights: file not found: {args.weights}")
+    for name in ("train", "val"):
+        if not Path(getattr(args, name)).expanduser().is_dir():
+            raise UsageError(f"--{name}: {getattr(args, name)} is not a directory; expected DIR/<class>/<image>")
+    if min(args.k) < 1:
+        raise UsageError(f"--k: expected positive ints, got {args.k}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature: expected a positive float, got {args.temperature}")
+    if args.size < 1 or args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--size/--batch-size: expected positive ints; --num-workers: expected >= 0")
+    if args.resize_size is not None and args.resize_size < 1:
+        raise UsageError(f"--resize-size: expected a positive int, got {args.resize_size}")
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The backbone (weights loaded) and a short description."""
+    from dinobridge.hub import build_hub_model
+    from dinobridge.models.checkpoint import load_pretrained
+    from dinobridge.models.vision_transformer import build_vit
+
+    overrides = parse_overrides(args.override)
+    weights = str(Path(args.weights).expanduser()) if args.weights is not None else None
+    if args.model is not None:
+        return build_hub_model(args.model, weights, **overrides), args.model
+    if args.config is not None:
+        arch, kwargs = student_vit_kwargs(load_student_config(Path(args.config).expanduser()))
+        what = f"{arch} (student of {args.config})"
+    else:
+        arch, kwargs = args.arch, ({"patch_size": args.patch_size} if args.patch_size else {})
+        what = arch
+    try:
+        model = build_vit(arch, **{**kwargs, **overrides})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"cannot build {what}: {e}") from None
+    if weights is not None:
+        load_pretrained(model, weights, strict=True)
+    return model, what
+
+
+# ---------------------------------------------------------------------- run
+def format_table(results: Mapping[int, Mapping[str, float]], n_train: int) -> str:
+    has5 = any("top5" in r for r in results.values())
+    lines = [f"{'k':>6} {'top-1':>7}" + (f" {'top-5':>7}" if has5 else "")]
+    for k, r in results.items():
+        line = f"{k:>6} {r['top1']:>7.2f}" + (f" {r['top5']:>7.2f}" if has5 else "")
+        lines.append(line + (f"   (k > {n_train} train images: uses all)" if k > n_train else ""))
+    return "\n".join(lines)
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    from dinobridge.eval.extract import ClassFolderDataset, make_eval_transform
+    from dinobridge.eval.extract import extract_features
+    from dinobridge.eval.knn import knn_classify
+
+    check_args(args)
+    device = resolve_device(args.device)
+    train_set = ClassFolderDataset(args.train, name="--train")
+    val_set = ClassFolderDataset(args.val, classes=train_set.classes, name="--val")
+    if args.random_init:
+        torch.manual_seed(0)
+    model, what = build_model(args)
+    patch = int(getattr(model, "patch_size", 16))
+    transform = make_eval_transform(args.size, patch, args.resize_size)
+    model.to(device)
+    common = dict(device=device, batch_size=args.batch_size, num_workers=args.num_workers, transform=transform,
+                  autocast_dtype=PRECISIONS[args.precision], progress=not args.quiet)
+    train_x, train_y = extract_features(model, train_set, desc="train features", **common)
+    val_x, val_y = extract_features(model, val_set, desc="val features", **common)
+    knn_device = device if device.type != "mps" else torch.device("cpu")  # stable sort support varies on MPS
+    results = knn_classify(train_x.to(knn_device), train_y, val_x, val_y, ks=args.k, temperature=args.temperature,
+                           num_classes=len(train_set.classes))
+    crop = transform.transforms[1].size[0]
+    print(f"kNN  model {what}  input {crop}px  T={args.temperature:g}  train {len(train_set)} images / "
+          f"{len(train_set.classes)} classes  val {len(val_set)} images")
+    print(format_table(results, len(train_set)))
+    if args.output:
+        record = {"model": what, "weights": args.weights, "train": args.train, "val": args.val,
+                  "temperature": args.temperature, "input_size": crop, "num_train": len(train_set),
+                  "num_val": len(val_set), "num_classes": len(train_set.classes),
+                  "results": {str(k): r for k, r in results.items()}}
+        Path(args.output).expanduser().write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    # errors raised in DataLoader workers come back with the worker traceback; its last line names the error
+    lines = [s for s in str(e).splitlines() if s.strip()]
+    if not lines:
+        return type(e).__name__
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of `dinobridge eval`; returns the exit code (2 for usage errors)."""
+    from dinobridge.models.checkpoint import CheckpointMismatchError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argparse usage error (2), already printed
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run_knn(args)
+    except (UserError, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "weights file" in str(e):  # unreadable / not a state dict (dinobridge.models.checkpoint)
+            print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        raise
