@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DINOLoss"]
+from dinobridge.objectives.base import Objective, SSLStep
+from dinobridge.objectives.weighting import dino_pair_weights
+
+__all__ = ["DINOLoss", "DINOObjective"]
 
 
 class DINOLoss(nn.Module):
@@ -51,3 +54,34 @@ class DINOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"student_temp={self.student_temp}"
+
+
+class DINOObjective(Objective):
+    """DINO CLS objective: local crops vs teacher global targets and global vs global (official pair weighting).
+
+    loss = loss_weight * [ l/(g+l) * local_weight * L_local + g/(g+l) * L_global ], see `weighting.py`.
+    `local_weight` comes from `step.extras["dino_local_weight"]` (the `dino.local_loss_weight_schedule`), default 1.
+    """
+
+    name = "dino"
+
+    def __init__(self, loss_weight: float = 1.0, global_ignore_diagonal: bool = True, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.loss_weight = loss_weight
+        self.ignore_diagonal = global_ignore_diagonal
+        self.loss = DINOLoss(student_temp)
+
+    def forward(self, step: SSLStep) -> tuple[Tensor, dict[str, Tensor]]:
+        n_g, n_l = step.n_global, step.n_local
+        w_local, w_global = dino_pair_weights(n_g, n_l, self.ignore_diagonal)
+        logs: dict[str, Tensor] = {}
+        total = step.student_dino_global.new_zeros(())
+        if w_global > 0:
+            glob = self.loss(step.student_dino_global, step.dino_targets, ignore_diagonal=self.ignore_diagonal)
+            total = total + w_global * glob
+            logs["dino_global_crops_loss"] = glob.detach()
+        if n_l > 0 and step.student_dino_local is not None:
+            local = self.loss(step.student_dino_local, step.dino_targets, ignore_diagonal=False)
+            total = total + w_local * float(step.extras.get("dino_local_weight", 1.0)) * local
+            logs["dino_local_crops_loss"] = local.detach()
+        return self.loss_weight * total, logs

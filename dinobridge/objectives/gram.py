@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GramLoss"]
+from dinobridge.objectives.base import Objective, SSLStep
+
+__all__ = ["GramLoss", "GramObjective"]
 
 
 class GramLoss(nn.Module):
@@ -70,3 +72,33 @@ class GramLoss(nn.Module):
             f"apply_norm={self.apply_norm}, img_level={self.img_level}, remove_neg={self.remove_neg}, "
             f"remove_only_teacher_neg={self.remove_only_teacher_neg}"
         )
+
+
+class GramObjective(Objective):
+    """Gram anchoring: the student's (masked) global patch tokens vs the Gram teacher's patch features.
+
+    The Gram teacher's features come in `step.extras["gram_teacher_patches"]` [n_g*B, N, D] (already on the student
+    grid); `tokens_used` = all | masked | unmasked (the last two need img_level = False). Weight: `loss_weight`, or
+    `step.extras["gram_weight"]` when a schedule is configured.
+    """
+
+    name = "gram"
+
+    def __init__(self, loss_weight: float = 1.0, tokens_used: str = "all", **loss_kwargs) -> None:
+        super().__init__()
+        if tokens_used not in ("all", "masked", "unmasked"):
+            raise ValueError(f"gram.tokens_used: expected all|masked|unmasked, got {tokens_used!r}")
+        if tokens_used != "all" and loss_kwargs.get("img_level", True):
+            raise ValueError("gram.tokens_used masked/unmasked needs gram.img_level = false")
+        self.loss_weight, self.tokens_used = loss_weight, tokens_used
+        self.loss = GramLoss(**loss_kwargs)
+
+    def forward(self, step: SSLStep) -> tuple[Tensor, dict[str, Tensor]]:
+        student = step.student_global["x_norm_patchtokens"]
+        teacher = step.extras["gram_teacher_patches"]
+        if self.tokens_used != "all":
+            keep = step.batch["masks"] if self.tokens_used == "masked" else ~step.batch["masks"]
+            student, teacher = student[keep][None], teacher[keep][None]
+        loss = self.loss(student, teacher)
+        weight = float(step.extras.get("gram_weight", self.loss_weight))
+        return weight * loss, {"gram_loss": loss.detach()}

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IBOTPatchLoss", "masks_weight_from_masks"]
+from dinobridge.objectives.base import Objective, SSLStep
+
+__all__ = ["IBOTObjective", "IBOTPatchLoss", "masks_weight_from_masks"]
 
 
 def masks_weight_from_masks(masks: Tensor) -> Tensor:
@@ -64,3 +66,22 @@ class IBOTPatchLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"student_temp={self.student_temp}"
+
+
+class IBOTObjective(Objective):
+    """iBOT objective: masked global patches of the student vs balanced teacher targets; loss_weight * L_ibot."""
+
+    name = "ibot"
+
+    def __init__(self, loss_weight: float = 1.0, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.loss_weight = loss_weight
+        self.loss = IBOTPatchLoss(student_temp)
+
+    def forward(self, step: SSLStep) -> tuple[Tensor, dict[str, Tensor]]:
+        s = step.student_ibot
+        if s is None or s.shape[0] == 0:  # no masked patch this step: zero loss, graph kept
+            zero = step.student_dino_global.sum() * 0.0
+            return zero, {"ibot_loss": zero.detach()}
+        loss = self.loss(s, step.ibot_targets, step.batch["masks_weight"], n_images=step.n_global * step.batch_size)
+        return self.loss_weight * loss, {"ibot_loss": loss.detach()}

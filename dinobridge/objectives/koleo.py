@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinobridge.distributed.comm import dist_ready, gather_with_grad
+from dinobridge.objectives.base import Objective, SSLStep
 
-__all__ = ["KoLeoLoss", "KoLeoLossDistributed", "gated_mean", "patch_koleo_loss"]
+__all__ = ["KoLeoLoss", "KoLeoLossDistributed", "KoLeoObjective", "gated_mean", "patch_koleo_loss"]
 
 _EPS = 1e-8
 _GATE_SCALE = 0.1
@@ -161,3 +162,55 @@ class KoLeoLossDistributed(nn.Module):
 
     def extra_repr(self) -> str:
         return f"topk={self.topk}, group_size={self.group_size}, gate_threshold={self.gate_threshold}"
+
+
+class KoLeoObjective(Objective):
+    """KoLeo on the student's pre-head CLS of the global crops, and optionally on their unmasked patch tokens.
+
+    cls:   cls_weight * n_g * mean over global crops of KoLeo(crop's B CLS vectors)   (official: 0.1 * Σ_crops)
+    patch: patch_weight * KoLeo over the unmasked global patch tokens, shuffled and cut into chunks of n_g*B tokens
+           (as many tokens per chunk as CLS tokens), averaged over chunks.
+    Each term may be gated (see `gated_mean`). With `distributed`, the CLS term searches neighbours in the global
+    batch (`KoLeoLossDistributed`). The patch shuffle uses a generator seeded by (seed, iteration): reproducible.
+    """
+
+    name = "koleo"
+
+    def __init__(
+        self,
+        cls_weight: float = 0.1,
+        patch_weight: float = 0.0,
+        cls_gate_threshold: Optional[float] = None,
+        patch_gate_threshold: Optional[float] = None,
+        distributed: bool = False,
+        topk: int = 1,
+        group_size: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cls_weight, self.patch_weight, self.seed = cls_weight, patch_weight, seed
+        self.cls_loss: nn.Module = (
+            KoLeoLossDistributed(topk, group_size, cls_gate_threshold) if distributed else KoLeoLoss(cls_gate_threshold)
+        )
+        self.patch_loss = KoLeoLoss(patch_gate_threshold)
+
+    def forward(self, step: SSLStep) -> tuple[Tensor, dict[str, Tensor]]:
+        n_g, b = step.n_global, step.batch_size
+        cls = step.student_global["x_norm_clstoken"]
+        total = cls.new_zeros((), dtype=torch.float32)
+        logs: dict[str, Tensor] = {}
+        if self.cls_weight:
+            per_crop = cls.view(n_g, b, -1)
+            loss = torch.stack([self.cls_loss(per_crop[c]) for c in range(n_g)]).mean()
+            total = total + self.cls_weight * n_g * loss
+            logs["koleo_loss"] = loss.detach()
+        if self.patch_weight:
+            tokens = step.student_global["x_norm_patchtokens"].flatten(0, 1)
+            masks = step.batch.get("masks")
+            if masks is not None:
+                tokens = tokens[~masks.flatten()]
+            gen = torch.Generator(device=tokens.device).manual_seed(self.seed * 1_000_003 + step.iteration)
+            loss = patch_koleo_loss(tokens, chunk_size=max(n_g * b, 2), koleo=self.patch_loss, generator=gen)
+            total = total + self.patch_weight * loss
+            logs["koleo_patch_loss"] = loss.detach()
+        return total, logs

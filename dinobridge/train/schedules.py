@@ -20,6 +20,8 @@ weights of `resize_shuffle_augmentor`, which use the zero-epoch format of `weigh
 from __future__ import annotations
 
 import logging
+
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- containers
+log = logging.getLogger("dinobridge")
+
 @dataclass(frozen=True)
 class ArraySchedule:
     """A schedule stored as `values` [total_iters] (float64); `s[it]` returns `tail` for `it >= len(values)`."""
@@ -342,8 +346,10 @@ def _build_v1(cfg: Any, epoch_length: int, total_iters: int, global_batch: int) 
     optim, teacher = _get(cfg, "optim"), _get(cfg, "teacher")
     trunc = float(_get(optim, "schedule_trunc_extra", 0.0))
     warmup = _epochs(optim, "warmup_epochs", "optim", epoch_length, 0)
-    if warmup > total_iters:
-        raise ConfigError(f"optim.warmup_epochs: warm-up ({warmup} iterations) exceeds the run ({total_iters})")
+    if warmup > total_iters:  # a short debug run (train.max_iter): warm up over the whole run
+        log.warning("optim.warmup_epochs: warm-up (%d iterations) is longer than the run (%d); using %d",
+                    warmup, total_iters, total_iters)
+        warmup = total_iters
     base_lr = scale_lr(_as_float(optim, "lr", "optim"), _get(optim, "scaling_rule"), global_batch)
     lr = cosine_schedule(base_lr, _as_float(optim, "min_lr", "optim"), total_iters, warmup, 0.0, trunc)
     wd = cosine_schedule(

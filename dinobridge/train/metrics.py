@@ -1,0 +1,95 @@
+"""Training logs: a tqdm bar (rank 0), tensorboard scalars and `metrics.jsonl`, plus step timing.
+
+Everything is written by rank 0 only. Scalars are averaged over ranks before logging by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+
+class StepTimer:
+    """Splits wall time into data wait and compute; gives images/s and data-wait %."""
+
+    def __init__(self) -> None:
+        self.t_last = time.perf_counter()
+        self.data_s = 0.0
+        self.total_s = 0.0
+        self.images = 0
+
+    def data_ready(self) -> None:
+        self.data_s += time.perf_counter() - self.t_last
+
+    def step_done(self, images: int) -> None:
+        now = time.perf_counter()
+        self.total_s += now - self.t_last
+        self.t_last = now
+        self.images += images
+
+    def summary(self) -> dict[str, float]:
+        """Averages since the last call (then reset)."""
+        total = max(self.total_s, 1e-9)
+        out = {"img_per_s": self.images / total, "data_wait_pct": 100.0 * self.data_s / total}
+        self.data_s = self.total_s = 0.0
+        self.images = 0
+        return out
+
+
+class MetricLogger:
+    """tqdm bar + tensorboard + metrics.jsonl, active on rank 0 only."""
+
+    def __init__(self, output_dir: str | Path, start_iter: int, max_iter: int, is_main: bool,
+                 tensorboard: bool = True, progress_bar: bool = True) -> None:
+        self.is_main = is_main
+        self.writer = None
+        self.bar: Optional[tqdm] = None
+        self.jsonl = None
+        if not is_main:
+            return
+        out = Path(output_dir)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_iter)
+        if progress_bar:
+            self.bar = tqdm(total=max_iter, initial=start_iter, desc="train", dynamic_ncols=True, smoothing=0.1)
+
+    def log(self, iteration: int, scalars: dict[str, float]) -> None:
+        """Write scalars for `iteration` to tensorboard and metrics.jsonl."""
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if v is not None else None) for k, v in scalars.items()}
+        if self.writer is not None:
+            for k, v in clean.items():
+                if v is not None and math.isfinite(v):
+                    self.writer.add_scalar(k, v, iteration)
+        self.jsonl.write(json.dumps({"iteration": iteration, **clean}) + "\n")
+
+    def progress(self, n: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line that does not break the bar."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
