@@ -1,5 +1,8 @@
 """Backbone speed: forward + backward of ViT-L/16 (batch 64, 224 px, bf16 autocast), ours vs timm, same process.
 
+All variants are built and warmed up first, then timed in interleaved rounds (ours, timm, ours, timm, ...), so a
+drift of the GPU clock during the run affects every variant alike.
+
     python benchmarks/bench_backbone.py --batch 64 --size 224 [--compile] [--timm]
 
 Prints one markdown row per model/mode: median step time, images/s, achieved TFLOP/s, peak memory.
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over all variants")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--timm", action="store_true", help="compare with timm vit_large_patch16_dinov3(_qkvb)")
     args = ap.parse_args()
@@ -72,26 +76,32 @@ def main() -> None:
     def fwd_timm(m, x):
         return m.forward_features(x)
 
-    rows = []
+    # Build every variant first, then time them in interleaved rounds so that clock drift hits all alike.
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    variants = []
     for name, make in models.items():
         for compiled in ([False, True] if args.compile else [False]):
             torch.manual_seed(0)
             model = make().to(dev).train()
-            fwd = fwd_ours if name.startswith("dinobridge") else fwd_timm
             if compiled:
-                for i, blk in enumerate(model.blocks):
+                for blk in model.blocks:
                     blk.compile()
+            fwd = fwd_ours if name.startswith("dinobridge") else fwd_timm
             torch.cuda.reset_peak_memory_stats()
-            times = time_steps(model, x, args.steps, args.warmup, fwd)
-            med = statistics.median(times)
-            rows.append((name, "compile" if compiled else "eager", med, args.batch / med * 1e3, flops / med / 1e9,
-                         torch.cuda.max_memory_allocated() / 2**30))
-            del model
-            torch.cuda.empty_cache()
+            time_steps(model, x, 0, args.warmup, fwd)  # warm-up (and compilation)
+            variants.append({"name": name, "mode": "compile" if compiled else "eager", "model": model, "fwd": fwd,
+                             "times": [], "peak": torch.cuda.max_memory_allocated() / 2**30})
+    per_round = max(args.steps // args.rounds, 1)
+    for _ in range(args.rounds):
+        for v in variants:
+            v["times"] += time_steps(v["model"], x, per_round, 1, v["fwd"])
+    rows = []
+    for v in variants:
+        med = statistics.median(v["times"])
+        rows.append((v["name"], v["mode"], med, args.batch / med * 1e3, flops / med / 1e9, v["peak"]))
     dev_name = torch.cuda.get_device_name()
     print(f"\n{dev_name}, torch {torch.__version__}, {datetime.date.today()}, batch {args.batch}, {args.size} px, "
-          f"fwd+bwd, bf16 autocast, median of {args.steps} steps")
+          f"fwd+bwd, bf16 autocast, median of {args.steps} steps in {args.rounds} interleaved rounds")
     print("| model | mode | ms/step | img/s | TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

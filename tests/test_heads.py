@@ -66,3 +66,20 @@ def test_builds_on_meta_then_initialises():
     assert torch.isfinite(w).all()
     assert abs(w.std().item() - 0.02) < 0.002
     assert w.abs().max().item() < 0.15
+
+
+def test_norm_last_layer_gives_cosine_logits_with_the_same_keys():
+    from dinobridge.models.heads import DINOHead
+
+    torch.manual_seed(0)
+    plain = DINOHead(16, n_prototypes=32, hidden_dim=24, bottleneck_dim=8)
+    normed = DINOHead(16, n_prototypes=32, hidden_dim=24, bottleneck_dim=8, norm_last_layer=True)
+    normed.load_state_dict(plain.state_dict())
+    assert list(normed.state_dict()) == list(plain.state_dict())
+    x = torch.randn(5, 16)
+    bottleneck = plain(x, no_last_layer=True)
+    w = plain.last_layer.weight
+    expected = bottleneck.double() @ (w.double() / w.double().norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(normed(x).double(), expected)
+    assert normed(x).abs().max() <= 1.0 + 1e-6
+    assert not torch.allclose(plain(x), normed(x))

@@ -277,3 +277,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys)
     from dinobridge.train.checkpoint import Checkpointer
 
     assert Checkpointer(run / "ckpt").latest() is not None
+
+
+def test_torchrun_two_processes_share_one_run_directory(tmp_path):
+    """2 CPU processes (gloo) under torchrun: one run directory, only rank 0 writes logs and checkpoints."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "dinobridge.train", "--output-dir", str(run), *TINY, "train.max_iter=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(metrics(run)) == [1, 2]  # one writer: each iteration logged once
+    assert (run / "ckpt" / "00000002.pth").is_file()
+    state = torch.load(run / "ckpt" / "00000002.pth", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert [p.name for p in run.iterdir() if p.name.startswith("config")] == ["config.yaml"]

@@ -53,7 +53,8 @@ class DinoConfig:
     weighted by g_i = sigmoid((l_i - threshold) / 0.1) and reduced as 0.5 * mean(l*g) + 0.5 * sum(l*g) / max(sum g, 1)
     (the public dino_bridge formula); threshold = `koleo_{cls,patch}_gate_threshold`.
     `koleo_distributed_loss_group_size`: null = the global batch. `koleo_distributed_replicas` must be 0 and
-    `koleo_topk` must be 1 unless `koleo_loss_distributed` (official asserts). `head_norm_last_layer`,
+    `koleo_topk` must be 1 unless `koleo_loss_distributed` (official asserts). `head_norm_last_layer` (logged only by
+    the official code) is honoured: true L2-normalises the prototype rows (DINOv1/v2 head, cosine logits).
     `koleo_distributed_loss_group_data`, `force_weight_norm`: U.
     `reweight_dino_local_loss`: weight the local-crop DINO loss by `local_loss_weight_schedule`.
     """
@@ -94,7 +95,7 @@ def effective_koleo_cls_weight(dino: Any) -> float:
 @dataclass
 class IbotConfig:
     """iBOT masked-patch loss and head. mask_ratio_min_max: 0 <= min < max <= 1. separate_head must be true
-    (official asserts). head_norm_last_layer, force_masking_even_with_zero_weight: U."""
+    (official asserts). head_norm_last_layer: as dino.head_norm_last_layer. force_masking_even_with_zero_weight: U."""
 
     loss_weight: float = 1.0
     mask_sample_probability: float = 0.5

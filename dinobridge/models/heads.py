@@ -24,7 +24,10 @@ class DINOHead(nn.Module):
     """MLP -> L2-normalise -> prototypes.
 
     `mlp` is Linear-GELU-...-Linear (keys `mlp.0`, `mlp.2`, `mlp.4` for nlayers=3; `mlp.weight` for nlayers=1),
-    `last_layer = Linear(bottleneck_dim, n_prototypes, bias=False)` with no weight norm (DINOv3).
+    `last_layer = Linear(bottleneck_dim, n_prototypes, bias=False)` with no weight norm (DINOv3). With
+    `norm_last_layer=True` the prototype rows are L2-normalised in the forward pass (DINOv1/v2 style, same keys), so
+    logits are cosine similarities in [-1, 1]; this gives teacher targets a usable spread from the first step on
+    small data, where the DINOv3 head's tiny initial logits keep Sinkhorn-Knopp targets uniform.
 
     Shapes: x [..., in_dim] -> logits [..., n_prototypes]
     (or the normalised bottleneck [..., bottleneck_dim] with `no_last_layer=True`; `only_last_layer=True` expects
@@ -42,6 +45,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         mlp_bias: bool = True,
+        norm_last_layer: bool = False,
     ) -> None:
         super().__init__()
         if nlayers < 1:
@@ -51,6 +55,7 @@ class DINOHead(nn.Module):
         self.bottleneck_dim = bottleneck_dim
         self.mlp = _build_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, mlp_bias)
         self.last_layer = nn.Linear(bottleneck_dim, n_prototypes, bias=False)
+        self.norm_last_layer = norm_last_layer
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -72,5 +77,6 @@ class DINOHead(nn.Module):
             eps = 1e-6 if x.dtype == torch.float16 else 1e-12
             x = F.normalize(x, p=2, dim=-1, eps=eps)
         if not no_last_layer:
-            x = self.last_layer(x)
+            w = self.last_layer.weight
+            x = F.linear(x, F.normalize(w, dim=1)) if self.norm_last_layer else self.last_layer(x)
         return x

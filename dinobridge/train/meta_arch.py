@@ -56,7 +56,8 @@ def build_backbone(student_cfg: Any, teacher: bool = False) -> nn.Module:
 
 def _head(embed_dim: int, head_cfg: Any) -> DINOHead:
     return DINOHead(embed_dim, n_prototypes=head_cfg.head_n_prototypes, hidden_dim=head_cfg.head_hidden_dim,
-                    bottleneck_dim=head_cfg.head_bottleneck_dim, nlayers=head_cfg.head_nlayers)
+                    bottleneck_dim=head_cfg.head_bottleneck_dim, nlayers=head_cfg.head_nlayers,
+                    norm_last_layer=bool(head_cfg.get("head_norm_last_layer", False)))
 
 
 def koleo_weights(dino_cfg: Any) -> tuple[float, float, Optional[float], Optional[float]]:
