@@ -174,11 +174,19 @@ def test_cli_knn_end_to_end(tmp_path, capsys):
     assert res["num_train"] == 16 and res["num_val"] == 8 and res["input_size"] == 32
     assert res["results"]["3"]["top1"] == 100.0
 
-    # the same weights through a run config's student: block
+    # a run's teacher through the run's config.yaml: built exactly as the trainer builds it (ffn_ratio 3 honoured)
+    from dinobridge.config import build_config, save_config
+    from dinobridge.train.meta_arch import build_backbone
+
     cfg = tmp_path / "run" / "config.yaml"
-    cfg.parent.mkdir()
-    cfg.write_text("student:\n  arch: vit_test\n  patch_size: 4\n  ffn_ratio: 3\n  drop_path_rate: 0.1\n"
-                   "  pos_embed_rope_dtype: bf16\n")
+    run_cfg = build_config(None, ["student.arch=vit_test", "student.patch_size=4", "student.ffn_ratio=3",
+                                  "student.drop_path_rate=0.1", "student.layerscale=0.5",
+                                  "crops.global_crops_size=32", "crops.local_crops_size=16"], config_name="train")
+    save_config(run_cfg, cfg)
+    torch.manual_seed(0)
+    teacher = build_backbone(run_cfg.student, teacher=True)
+    assert teacher.blocks[0].mlp.fc1.out_features == 96
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()}}, weights)
     rc = dinobridge_main(["eval", "knn", "--config", str(cfg.parent), "--weights", str(weights), "--train",
                           str(train_dir), "--val", str(val_dir), "--k", "3", "--size", "32", "--resize-size", "32",
                           "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out)])
@@ -210,7 +218,7 @@ def test_cli_knn_hub_model(tmp_path, capsys):
     ("empty_class", "holds no images"),
     ("bad_override", "--override: unknown architecture field"),
     ("mismatched_weights", "error:"),
-    ("bad_config", "student: section"),
+    ("bad_config", "student.archh"),
 ])
 def test_cli_errors(tmp_path, capsys, case, expected):
     train_dir, val_dir = _write_folders(tmp_path, n_per_class=2)
@@ -235,7 +243,7 @@ def test_cli_errors(tmp_path, capsys, case, expected):
         args[args.index("4")] = "8"  # patch 8: patch_embed shape differs from the saved weights
     elif case == "bad_config":
         cfg = tmp_path / "config.yaml"
-        cfg.write_text("train:\n  seed: 0\n")
+        cfg.write_text("student:\n  archh: vit_test\n")
         args[2:6] = ["--config", str(cfg)]
     rc = dinobridge_main(args)
     err = capsys.readouterr().err

@@ -5,7 +5,11 @@
 """
 
 from dinobridge.balancing.base import Balancer, available_balancers, build_balancer, register_balancer
+from dinobridge.balancing.dtch import DTCHSinkhorn, build_dtch_balancer
 from dinobridge.balancing.sinkhorn import SinkhornKnopp
 from dinobridge.balancing.softmax_center import SoftmaxCenter
 
-__all__ = ["Balancer", "SinkhornKnopp", "SoftmaxCenter", "available_balancers", "build_balancer", "register_balancer"]
+__all__ = [
+    "Balancer", "DTCHSinkhorn", "SinkhornKnopp", "SoftmaxCenter", "available_balancers", "build_balancer",
+    "build_dtch_balancer", "register_balancer",
+]

@@ -122,7 +122,7 @@ class ProceduralShapes:
                 break
             fill = rng.random(3, dtype=np.float32)
         pattern = rng.random(3, dtype=np.float32)
-        radius = rng.uniform(0.35, 0.7)
+        radius = rng.uniform(0.5, 0.85)
         cx, cy = rng.uniform(-1.0 + radius * 0.8, 1.0 - radius * 0.8, size=2)
         theta = rng.uniform(0.0, 2.0 * math.pi)
         freq = rng.uniform(2.0, 3.5)  # texture periods per shape radius

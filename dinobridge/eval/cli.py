@@ -24,17 +24,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device
 from dinobridge.errors import UserError
 
 PROG = "dinobridge eval"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# student.* keys that the backbone ignores at eval time: ffn_ratio is fixed by the arch preset (official trainer),
-# RoPE runs in fp32, the input has 3 channels, training-only regularisers are off.
-_STUDENT_KEYS_IGNORED = ("ffn_ratio", "pos_embed_rope_dtype", "in_chans", "drop_path_rate", "patch_drop")
-
-
-class UsageError(UserError):
-    """A problem with the command line or its files; one line on stderr, exit code 2."""
 
 
 # ---------------------------------------------------------------------- parser
@@ -73,75 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- checks and model building
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """["key=value", ...] -> {key: python value}; keys must be ViTConfig fields."""
-    from dinobridge.models.vision_transformer import ViTConfig
 
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = (s.strip() for s in item.partition("="))
-        if not sep or not key:
-            raise UsageError(f"--override: expected KEY=VALUE, got {item!r}")
-        if key not in fields:
-            raise UsageError(f"--override: unknown architecture field {key!r}; expected one of {sorted(fields)}")
-        if raw.lower() in ("true", "false", "none", "null"):
-            out[key] = {"true": True, "false": False}.get(raw.lower())
-        else:
-            try:
-                out[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                out[key] = raw
-    return out
-
-
-def student_vit_kwargs(student: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A run config's `student:` block -> (arch preset, build_vit keyword arguments) for evaluation."""
-    from dinobridge.models.vision_transformer import ViTConfig
-
-    if "arch" not in student:
-        raise UsageError("--config: student.arch is missing; expected a preset name such as vit_large")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    kwargs = {k: v for k, v in student.items() if k in fields and k not in _STUDENT_KEYS_IGNORED}
-    return str(student["arch"]), kwargs
-
-
-def load_student_config(path: Path) -> dict[str, Any]:
-    """The `student:` block of a run config file (or of RUN_DIR/config.yaml) as a plain dict."""
-    from omegaconf import OmegaConf
+def load_run_backbone(path: Path, overrides: Mapping[str, Any]) -> tuple[torch.nn.Module, str]:
+    """The teacher backbone described by a run's config (RUN_DIR or RUN_DIR/config.yaml), built as the trainer does."""
+    from dinobridge.config import build_config
+    from dinobridge.train.meta_arch import build_backbone
 
     if path.is_dir():
         path = path / "config.yaml"
     if not path.is_file():
         raise UsageError(f"--config: {path} not found; expected a run's config.yaml or its run directory")
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:  # YAML syntax, interpolation errors
-        raise UsageError(f"--config: cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    student = cfg.get("student") if isinstance(cfg, dict) else None
-    if not isinstance(student, dict):
-        raise UsageError(f"--config: {path} has no student: section")
-    return student
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda, xpu, mps or cpu (the first available); otherwise the named device, checked."""
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    xpu_ok = hasattr(torch, "xpu") and torch.xpu.is_available()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("xpu" if xpu_ok else "mps" if mps_ok else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: expected auto, cpu, cuda, cuda:N, mps or xpu, got {name!r}") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_ok, "xpu": xpu_ok}
-    if not available.get(device.type, True):
-        raise UsageError(f"--device: {name} requested but it is not available; use --device auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
+    cfg = build_config(str(path))
+    for key, value in overrides.items():
+        cfg.student[key] = value
+    return build_backbone(cfg.student, teacher=True), f"{cfg.student.arch} (teacher of {path})"
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -185,15 +123,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     if args.model is not None:
         return build_hub_model(args.model, weights, **overrides), args.model
     if args.config is not None:
-        arch, kwargs = student_vit_kwargs(load_student_config(Path(args.config).expanduser()))
-        what = f"{arch} (student of {args.config})"
+        model, what = load_run_backbone(Path(args.config).expanduser(), overrides)
     else:
-        arch, kwargs = args.arch, ({"patch_size": args.patch_size} if args.patch_size else {})
-        what = arch
-    try:
-        model = build_vit(arch, **{**kwargs, **overrides})
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"cannot build {what}: {e}") from None
+        what = args.arch
+        try:
+            model = build_vit(args.arch, **{**({"patch_size": args.patch_size} if args.patch_size else {}), **overrides})
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"cannot build {what}: {e}") from None
     if weights is not None:
         load_pretrained(model, weights, strict=True)
     return model, what

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device
 from dinobridge.errors import UserError
 from dinobridge.features.extractor import FeatureExtractor, Features, resolve_layers
 from dinobridge.features.image_folder import (
@@ -37,11 +38,6 @@ from dinobridge.features.preprocess import pil_to_uint8, preprocess
 from dinobridge.models.checkpoint import CheckpointMismatchError
 
 PROG = "dinobridge extract"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class UsageError(UserError):
-    """A problem with the command line or its files; reported as one line, exit code 2."""
 
 
 class FolderTransform:
@@ -90,51 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- checks (no model work)
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """["key=value", ...] -> {key: python value}; keys must be ViTConfig fields."""
-    from dinobridge.models.vision_transformer import ViTConfig
-
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--override: expected KEY=VALUE, got {item!r}")
-        if key not in fields:
-            raise UsageError(f"--override: unknown architecture field {key!r}; expected one of {sorted(fields)}")
-        lowered = raw.strip().lower()
-        if lowered in ("true", "false"):
-            value: Any = lowered == "true"
-        elif lowered in ("none", "null"):
-            value = None
-        else:
-            try:
-                value = ast.literal_eval(raw.strip())
-            except (ValueError, SyntaxError):
-                value = raw.strip()
-        out[key] = value
-    return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {name} requested but CUDA is not available; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device: mps requested but it is not available; use --device cpu or auto")
-    return device
 
 
 def check_output_path(out: Path) -> Path:

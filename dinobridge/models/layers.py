@@ -188,17 +188,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RopeTables = None) -> Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if rope is None:
-            q, k, v = qkv.unbind(0)
-        else:
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
             sin, cos = rope
             p = N - sin.shape[-2]
-            if p == 0:  # tables cover the whole sequence (identity rows for the prefix): rotate q and k at once
-                q, k = apply_rope(qkv[:2], sin, cos).unbind(0)
+            if p == 0:  # tables cover the whole sequence (identity rows for the prefix): no slicing
+                q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
             else:
-                q, k = (torch.cat((t[:, :, :p], apply_rope(t[:, :, p:], sin, cos)), dim=2) for t in qkv[:2])
-            v = qkv[2]
+                q, k = (torch.cat((t[:, :, :p], apply_rope(t[:, :, p:], sin, cos)), dim=2) for t in (q, k))
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 

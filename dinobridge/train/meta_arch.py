@@ -88,11 +88,18 @@ class SSLMetaArch(nn.Module):
             side["ibot_head"] = _head(dim, cfg.ibot)
         self.teacher.requires_grad_(False)
 
+        use_dtch = bool(cfg.get("dtch") is not None and cfg.dtch.enabled)
         try:
-            self.dino_balancer = build_balancer(cfg.train.centering, n_prototypes=cfg.dino.head_n_prototypes)
-            self.ibot_balancer = build_balancer(cfg.train.centering, n_prototypes=cfg.ibot.head_n_prototypes)
+            if use_dtch:  # DTCH-SK replaces train.centering's balancer for both targets (reference §2.1)
+                from dinobridge.balancing import build_dtch_balancer
+
+                self.dino_balancer = build_dtch_balancer(cfg.dtch, cfg.dino.head_n_prototypes, "cls")
+                self.ibot_balancer = build_dtch_balancer(cfg.dtch, cfg.ibot.head_n_prototypes, "patch")
+            else:
+                self.dino_balancer = build_balancer(cfg.train.centering, n_prototypes=cfg.dino.head_n_prototypes)
+                self.ibot_balancer = build_balancer(cfg.train.centering, n_prototypes=cfg.ibot.head_n_prototypes)
         except (KeyError, ValueError) as e:
-            raise ConfigError(f"train.centering: {e}") from None
+            raise ConfigError(f"{'dtch' if use_dtch else 'train.centering'}: {e}") from None
 
         self.objectives = nn.ModuleDict()
         if cfg.dino.loss_weight:

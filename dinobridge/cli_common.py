@@ -1,0 +1,59 @@
+"""Helpers shared by the command-line tools (`dinobridge extract`, `dinobridge eval`)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from dinobridge.errors import UserError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(UserError):
+    """A problem with the command line or its files; one line on stderr, exit code 2."""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """["key=value", ...] -> {key: python value}; keys must be ViTConfig fields."""
+    from dinobridge.models.vision_transformer import ViTConfig
+
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise UsageError(f"--override: expected KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise UsageError(f"--override: unknown architecture field {key!r}; expected one of {sorted(fields)}")
+        if raw.lower() in ("true", "false", "none", "null"):
+            out[key] = {"true": True, "false": False}.get(raw.lower())
+        else:
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, xpu, mps or cpu (the first available); otherwise the named device, checked."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    xpu_ok = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("xpu" if xpu_ok else "mps" if mps_ok else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected auto, cpu, cuda, cuda:N, mps or xpu, got {name!r}") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_ok, "xpu": xpu_ok}
+    if not available.get(device.type, True):
+        raise UsageError(f"--device: {name} requested but it is not available; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
