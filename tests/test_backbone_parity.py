@@ -13,19 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 from dinobridge.models import ViTConfig, VisionTransformer  # noqa: E402
 from dinobridge.models.convert import from_hf_state_dict, hf_config_dict, to_hf_state_dict  # noqa: E402
+from vit_utils import randomise_vit  # noqa: E402
 
 
 def _randomise(model: VisionTransformer, seed: int = 0) -> None:
-    """Give every parameter (norms, LayerScale, tokens too) non-trivial values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gamma"):
-                p.copy_(0.5 + 0.3 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    randomise_vit(model, seed)
 
 
 def _hf_model(model: VisionTransformer):

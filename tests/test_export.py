@@ -22,22 +22,13 @@ from dinobridge.export import (
     timm_state_dict,
 )
 from dinobridge.models import ViTConfig, VisionTransformer, load_pretrained
+from vit_utils import randomise_vit
 
 ATOL = 1e-5
 
 
 def _randomise(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
-    """Non-trivial values everywhere (norm weights near 1, LayerScale 0.5..0.8, the K bias too)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gamma"):
-                p.copy_(0.5 + 0.3 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return randomise_vit(model, seed).eval()
 
 
 def _dinov3(**kw) -> VisionTransformer:
