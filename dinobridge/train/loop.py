@@ -81,6 +81,7 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
     from dinobridge.train.checkpoint import Checkpointer, export_teacher
     from dinobridge.train.meta_arch import build_meta_arch
     from dinobridge.train.metrics import MetricLogger, StepTimer
+    from dinobridge.train.monitors import rankme
     from dinobridge.train.optim import apply_schedule, build_optimizer, build_param_groups, clip_grad_norms
     from dinobridge.train.schedules import build_schedules
 
@@ -171,7 +172,7 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
     keep_every = ckpt_cfg.get("keep_every")
     keep_epochs = cfg.train.get("saveckp_freq")
     knn_period = int(cfg.evaluation.get("knn_period") or 0)
-    bad_steps, last, skipped = 0, {}, 0
+    bad_steps, last, skipped, held = 0, {}, 0, None
     it = start_iter
     data_iter = iter(loader)
     try:
@@ -180,6 +181,8 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
             timer.data_ready()
             skipped += int(batch.pop("data_skipped", 0) or 0)
             batch = _to_device(batch, device.device)
+            if held is None:  # a fixed batch for RankMe of the teacher's CLS embeddings
+                held = batch["global_crops"][: 2 * B]
             s = schedules.at(it)
             apply_schedule(optimizer, s.lr, s.wd, s.last_layer_lr)
             optimizer.zero_grad(set_to_none=True)
@@ -219,6 +222,8 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
                 scalars.update(schedules.extras(it - 1))
                 scalars.update(timer.summary())
                 scalars["data_skipped"] = skipped
+                with torch.no_grad(), autocast:
+                    scalars["teacher_rankme"] = rankme(model.teacher.backbone.forward_features(held)["x_norm_clstoken"])
                 peak = device.peak_memory_allocated()
                 if peak is not None:
                     scalars["peak_memory_gib"] = peak / 2**30
@@ -239,6 +244,7 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
                 if res:
                     logger.log(it, {f"knn/top1_k{k}": v for k, v in res.items()})
                     logger.write(f"iteration {it}: kNN top-1 " + ", ".join(f"k={k}: {v:.2f}%" for k, v in res.items()))
+            timer.skip()  # logging, checkpoints and evaluation count neither as data wait nor as compute
     finally:
         logger.close()
 

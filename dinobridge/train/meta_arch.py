@@ -22,6 +22,7 @@ from dinobridge.models import ARCHS, build_vit, load_pretrained
 from dinobridge.models.checkpoint import extract_backbone_state_dict, load_state_dict_file
 from dinobridge.models.heads import DINOHead
 from dinobridge.objectives import DINOObjective, GramObjective, IBOTObjective, KoLeoObjective, Objective, SSLStep
+from dinobridge.train.monitors import target_stats
 
 log = logging.getLogger("dinobridge")
 
@@ -173,6 +174,9 @@ class SSLMetaArch(nn.Module):
             total = total + loss.float()
             logs.update(terms)
         logs["total_loss"] = total.detach()
+        logs.update(target_stats(step.dino_targets, "dino_target"))  # collapse monitors
+        if step.ibot_targets is not None:
+            logs.update(target_stats(step.ibot_targets, "ibot_target"))
         return total, logs
 
     def compute_step(

@@ -32,6 +32,10 @@ class StepTimer:
         self.t_last = now
         self.images += images
 
+    def skip(self) -> None:
+        """Exclude the time since the last step (logging, evaluation) from both data wait and compute."""
+        self.t_last = time.perf_counter()
+
     def summary(self) -> dict[str, float]:
         """Averages since the last call (then reset)."""
         total = max(self.total_s, 1e-9)
