@@ -271,16 +271,16 @@ def test_build_dataset_specs(tmp_path, class_tree):
 @pytest.mark.parametrize(
     "spec, pattern",
     [
-        ("Foo:root=/x", "unknown dataset"),
+        ("Foo:root=/x", "unknown dataset kind 'Foo'"),
         ("ImageFolder:path=/x", "unknown option"),
-        ("ImageFolder", "needs root="),
+        ("ImageFolder", r"missing option\(s\) \['root'\]"),
         ("ImageFolder:root=/definitely/missing", "not a directory"),
         ("TxtList:path=/definitely/missing.txt", "no such file"),
-        ("/definitely/missing", "does not exist"),
+        ("/definitely/missing", "not a directory"),
         ("builtin:shapes:n=abc", "not a valid int"),
         ("builtin:shapes:num_classes=99", "num_classes"),
-        ("ImageNet:split=FOO:root=/x", "TRAIN, VAL or TEST"),
-        ("", "expected builtin:shapes"),
+        ("ImageNet:split=FOO:root=/x", "TRAIN|VAL|TEST"),
+        ("", "expected a dataset string"),
     ],
 )
 def test_build_dataset_bad_specs(spec, pattern):

@@ -1,10 +1,13 @@
 """Dataset strings (`train.dataset_path`, `evaluation.knn_train`, `evaluation.knn_val`): parse and normalise.
 
 Forms (colon-separated, options are `key=value`):
-  builtin:NAME[:key=value...]        a built-in offline dataset, e.g. "builtin:shapes" (options go to its builder)
-  ImageFolder:root=DIR               every image under DIR, searched recursively
-  TxtList:path=FILE[:root=DIR]       one image path per line; relative entries are resolved against DIR
-                                     (default: FILE's folder)
+  builtin:NAME[:key=value...]        a built-in offline dataset, e.g. "builtin:shapes:n=5000" (options go to its
+                                     builder: n, num_classes, size, seed, split); "Shapes:..." is an alias
+  ImageFolder:root=DIR[:cache=FILE]  every image under DIR, searched recursively (cache: file-list cache)
+  TxtList:path=FILE[:root=DIR][:ratio=R][:seed=S]
+                                     one image path per line; relative entries are resolved against DIR
+                                     (default: FILE's folder); ratio subsamples (< 1) or repeats (> 1)
+  DIR or FILE.txt                    an existing folder or .txt list (same as the two forms above)
   ImageNet:split=SPLIT:root=DIR[:extra=...]
                                      the official DINOv3 form, mapped to ImageFolder:root=DIR/<split> with SPLIT in
                                      TRAIN | VAL | TEST (-> train | val | test); `extra` is ignored.
@@ -14,12 +17,16 @@ On the command line quote a value that contains '=' only if you sweep over it; `
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from dinobridge.errors import ConfigError
 
-_OPTIONS = {"ImageFolder": ({"root"}, {"root"}), "TxtList": ({"path"}, {"path", "root"})}
+_OPTIONS = {"ImageFolder": ({"root"}, {"root", "cache"}), "TxtList": ({"path"}, {"path", "root", "ratio", "seed"})}
+_ALIASES = {"imagefolder": "ImageFolder", "txtlist": "TxtList", "txt": "TxtList", "imagenet": "ImageNet",
+            "builtin": "builtin"}
+_SPEC_SPLIT = re.compile(r":(?=[A-Za-z_][A-Za-z0-9_]*=)")  # split at ':' only before 'key=' (paths may hold ':')
 _IMAGENET_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
 
 
@@ -64,8 +71,18 @@ def parse_dataset_string(text: str, key: str = "train.dataset_path", require_roo
     if not isinstance(text, str) or not text.strip():
         example = "'builtin:shapes' or 'ImageFolder:root=DIR'"
         raise ConfigError(f"{key}: expected a dataset string such as {example}, got {text!r}")
-    kind, _, rest = text.strip().partition(":")
-    parts = rest.split(":") if rest else []
+    text = text.strip()
+    kind, _, rest = text.partition(":")
+    parts = _SPEC_SPLIT.split(rest) if rest else []
+    if kind.lower() in ("shapes", "proceduralshapes"):  # alias of builtin:shapes
+        kind, parts = "builtin", ["shapes", *parts]
+    kind = _ALIASES.get(kind.lower(), kind)
+    if kind not in _OPTIONS and kind not in ("builtin", "ImageNet"):
+        path = os.path.expanduser(text)
+        if os.path.isdir(path) or (":" not in text and not path.lower().endswith(".txt") and ("/" in text or "\\" in text)):
+            return DatasetSpec("ImageFolder", text, options={"root": path})
+        if path.lower().endswith(".txt"):
+            return DatasetSpec("TxtList", text, options={"path": path})
     if kind == "builtin":
         if not parts or not parts[0] or "=" in parts[0]:
             raise ConfigError(f"{key}: expected 'builtin:NAME[:key=value...]' (e.g. 'builtin:shapes'), got {text!r}")
@@ -76,7 +93,7 @@ def parse_dataset_string(text: str, key: str = "train.dataset_path", require_roo
         unknown, missing = set(options) - allowed, required - set(options)
         if unknown or missing:
             problem = f"unknown option(s) {sorted(unknown)}" if unknown else f"missing option(s) {sorted(missing)}"
-            usage = "ImageFolder:root=DIR" if kind == "ImageFolder" else "TxtList:path=FILE[:root=DIR]"
+            usage = "ImageFolder:root=DIR" if kind == "ImageFolder" else "TxtList:path=FILE[:root=DIR][:ratio=R]"
             raise ConfigError(f"{key}: {problem} in {text!r}; expected '{usage}'")
         return DatasetSpec(kind, text, options=options)
     if kind == "ImageNet":

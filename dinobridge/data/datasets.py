@@ -531,21 +531,10 @@ class MixtureDataset:
 
 
 # ---------------------------------------------------------------------------------------------- spec parsing
-_SPEC_SPLIT = re.compile(r":(?=[A-Za-z_][A-Za-z0-9_]*=)")  # split at ':' only before 'key='
 _SPEC_HELP = (
     "expected builtin:shapes[:n=N], ImageFolder:root=DIR, TxtList:path=FILE[:ratio=R], "
     "ImageNet:split=TRAIN:root=DIR, or an existing folder / .txt file"
 )
-
-
-def parse_dataset_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """'Name:k=v:k2=v2' -> ('name' lower-cased, {'k': 'v', ...}); 'builtin:shapes:...' -> ('builtin:shapes', ...)."""
-    head, *rest = _SPEC_SPLIT.split(spec.strip())
-    kwargs = {}
-    for item in rest:
-        k, _, v = item.partition("=")
-        kwargs[k] = v
-    return head.strip().lower(), kwargs
 
 
 def _typed(kwargs: dict[str, str], name: str, cast: type, default: Any, key: str) -> Any:
@@ -574,50 +563,38 @@ def _folder_cache_file(cache_dir: str | None, root: str) -> str | None:
 
 
 def build_dataset(spec: str, key: str = "train.dataset_path", cache_dir: str | None = None, seed: int = 0) -> Any:
-    """Dataset from a spec string (see the module docstring); `DataError` naming `key` on any problem.
+    """Dataset from a dataset string (grammar: `dinobridge.config.dataset_spec`); a one-line error naming `key`.
 
     `cache_dir`: where folder scans are cached (None: no cache); `seed`: default seed of ratio subsets.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"{key}: {_SPEC_HELP}; got {spec!r}")
-    spec = spec.strip()
-    expanded = os.path.expanduser(spec)
-    if os.path.isdir(expanded):  # bare path
-        return ImageFolderDataset(expanded, _folder_cache_file(cache_dir, expanded), key=key)
-    if os.path.isfile(expanded) and expanded.lower().endswith(".txt"):
-        return TxtListDataset(expanded, seed=seed, key=key)
-    if ":" not in spec and ("/" in spec or "\\" in spec or spec.lower().endswith(".txt")):
-        raise DataError(f"{key}: {spec!r} does not exist (expected an image folder or a .txt list of images)")
-    name, kwargs = parse_dataset_spec(spec)
-    if name in ("builtin:shapes", "shapes", "proceduralshapes", "builtin"):
-        _expect_keys(kwargs, ("n", "num_classes", "size", "seed", "split"), (), key, spec)
+    from dinobridge.config.dataset_spec import parse_dataset_string
+    from dinobridge.errors import ConfigError
+
+    try:
+        parsed = parse_dataset_string(spec, key)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    opts = dict(parsed.options)
+    if parsed.kind == "builtin":
+        if parsed.name not in ("shapes", "proceduralshapes"):
+            raise DataError(f"{key}: unknown built-in dataset {parsed.name!r} in {spec!r}; expected builtin:shapes")
+        _expect_keys(opts, ("n", "num_classes", "size", "seed", "split"), (), key, spec)
         try:
             return ProceduralShapes(
-                n=_typed(kwargs, "n", int, 20000, key), num_classes=_typed(kwargs, "num_classes", int, 10, key),
-                size=_typed(kwargs, "size", int, 64, key), seed=_typed(kwargs, "seed", int, 0, key),
-                split=kwargs.get("split", "train").lower(),
+                n=_typed(opts, "n", int, 20000, key), num_classes=_typed(opts, "num_classes", int, 10, key),
+                size=_typed(opts, "size", int, 64, key), seed=_typed(opts, "seed", int, 0, key),
+                split=opts.get("split", "train").lower(),
             )  # fmt: skip
         except ValueError as exc:
             raise DataError(f"{key}: {spec!r}: {exc}") from None
-    if name == "imagefolder":
-        _expect_keys(kwargs, ("root", "cache"), ("root",), key, spec)
-        root = kwargs["root"]
-        return ImageFolderDataset(root, kwargs.get("cache") or _folder_cache_file(cache_dir, root), key=f"{key} root")
-    if name in ("txtlist", "txt"):
-        _expect_keys(kwargs, ("path", "root", "ratio", "seed"), ("path",), key, spec)
+    if parsed.kind == "ImageFolder":
+        root = os.path.expanduser(opts["root"])
+        return ImageFolderDataset(root, opts.get("cache") or _folder_cache_file(cache_dir, root), key=f"{key} root")
+    if parsed.kind == "TxtList":
         return TxtListDataset(
-            kwargs["path"], dataset_ratio=_typed(kwargs, "ratio", float, 1.0, key),
-            seed=_typed(kwargs, "seed", int, seed, key), key=f"{key} path", root=kwargs.get("root") or None,
+            os.path.expanduser(opts["path"]), dataset_ratio=_typed(opts, "ratio", float, 1.0, key),
+            seed=_typed(opts, "seed", int, seed, key), key=f"{key} path", root=opts.get("root") or None,
         )  # fmt: skip
-    if name == "imagenet":
-        _expect_keys(kwargs, ("root", "split", "extra"), ("root",), key, spec)
-        split = kwargs.get("split", "TRAIN").upper()
-        if split not in ("TRAIN", "VAL", "TEST"):
-            raise DataError(f"{key}: split={kwargs['split']!r} in {spec!r}; expected TRAIN, VAL or TEST")
-        root = os.path.join(os.path.expanduser(kwargs["root"]), split.lower())
-        return ImageFolderDataset(root, _folder_cache_file(cache_dir, root), key=f"{key} root/{split.lower()}")
-    if os.path.exists(expanded):
-        raise DataError(f"{key}: {spec!r} is neither a folder nor a .txt list; {_SPEC_HELP}")
     raise DataError(f"{key}: unknown dataset {spec!r}; {_SPEC_HELP}")
 
 
