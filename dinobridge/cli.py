@@ -12,7 +12,7 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dinobridge.train.loop", "self-supervised pretraining (Hydra overrides, --config-file, -m sweeps)"),
     "extract": ("dinobridge.features", "extract features (CLS, storage, patch tokens/maps) from a folder of images"),
-    "eval": ("dinobridge.eval.cli", "evaluate frozen features: dinobridge eval knn ..."),
+    "eval": ("dinobridge.eval.cli", "evaluate frozen features: dinobridge eval knn | linear ..."),
     "viz": ("dinobridge.viz", "PCA and attention pictures of patch features"),
     "export": ("dinobridge.export", "export the teacher backbone: --format official | hf (transformers) | timm"),
 }

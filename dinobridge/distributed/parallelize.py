@@ -1,0 +1,264 @@
+"""Activation checkpointing, torch.compile and FSDP2 sharding of the meta-architecture (reference §6.1, §1.10).
+
+`parallelize_meta_arch(model, cfg, device, world_size)` applies, in the official order:
+
+1. Activation checkpointing (`train.checkpointing`) on every **student** backbone block: selective by default (the
+   outputs of matmuls and SDPA are saved, everything else is recomputed in backward), full recompute with
+   `train.checkpointing_full`. The block's `forward` is replaced in place, so parameter names, state-dict keys and
+   the teacher/student name pairing of the EMA are unchanged (no `_checkpoint_wrapped_module.` prefix).
+2. `torch.compile` per backbone block (`train.compile`, only where `device.compile_default`), student, teacher and
+   Gram teacher, in place (`module.compile()`, names unchanged). Heads are not compiled: the iBOT head sees a
+   different number of masked patches every step (one recompilation per count).
+3. FSDP2 `fully_shard` over a 1-D "dp" mesh of the default group: every transformer block, then the backbone root,
+   then each head, for the student, the teacher and the Gram teacher, with
+   `MixedPrecisionPolicy(param_dtype, reduce_dtype)` from `compute_precision.*` and explicit prefetch
+   (forward: block i -> i+1, backward: block i -> i-1). FSDP averages the gradients over ranks (reduce-scatter),
+   so the train loop must not all-reduce them again: see `fsdp_enabled`.
+
+`compute_precision.sharding_strategy` -> student `reshard_after_forward`:
+  FULL_SHARD    True: parameters are freed after each block's forward and gathered again in backward (ZeRO-3).
+  SHARD_GRAD_OP False: parameters stay gathered from forward to backward (ZeRO-2, more memory, fewer all-gathers).
+                (The official code asserts SHARD_GRAD_OP but actually runs with True; set FULL_SHARD for that.)
+  NO_SHARD      nothing is sharded: the model stays replicated and the loop keeps its manual gradient all-reduce.
+The teacher and the Gram teacher only run forward, so they always reshard after forward, roots included (the
+official code does the same with a hack on `post_forward_mesh_info`).
+
+Before sharding, the full parameters and buffers are broadcast from rank 0, so every rank starts from the same model
+even when ranks were seeded differently (also done for NO_SHARD, where replicas must agree).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dinobridge.distributed.device import DeviceInfo
+from dinobridge.errors import ConfigError
+
+__all__ = [
+    "STRATEGIES",
+    "apply_activation_checkpointing",
+    "compile_blocks",
+    "fsdp_enabled",
+    "parallelize_meta_arch",
+    "parse_dtype",
+    "selective_checkpoint_policy",
+]
+
+log = logging.getLogger("dinobridge")
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "NO_SHARD": None}
+_AC_ATTR = "_dinobridge_activation_checkpointing"
+
+
+def parse_dtype(name: Any, key: str) -> torch.dtype:
+    """'bf16' | 'fp16' | 'fp32' (or the torch names) -> torch dtype; `key` names the config key in errors."""
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = _DTYPES.get(str(name).lower())
+    if dtype is None:
+        raise ConfigError(f"{key}: expected one of bf16, fp16, fp32, got {name!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------- 1. checkpointing
+def _save_ops() -> set:
+    """ATen ops whose outputs the selective policy saves: matmuls, SDPA kernels, the FSDP reduce-scatter."""
+    aten = torch.ops.aten
+    names = [
+        "mm", "addmm", "bmm", "_scaled_mm",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    ]
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None and hasattr(c10d, "reduce_scatter_tensor"):
+        ops.add(c10d.reduce_scatter_tensor.default)
+    return ops
+
+
+def selective_checkpoint_policy() -> Callable[..., Any]:
+    """Policy for `create_selective_checkpoint_contexts`: save matmul/SDPA outputs, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save = _save_ops()
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _checkpointed(forward: Callable[..., Any], selective: bool) -> Callable[..., Any]:
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    extra: dict[str, Any] = {}
+    if selective:
+        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy())
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList, full: bool = False) -> None:
+    """Make every block recompute its activations in backward (in place; parameter names unchanged).
+
+    full=False: selective (matmul/SDPA outputs saved); full=True: only the block input is kept.
+    """
+    for i, blk in enumerate(blocks):
+        if getattr(blk, _AC_ATTR, None):
+            raise ValueError(f"apply_activation_checkpointing: block {i} is already checkpointed")
+        blk.forward = _checkpointed(blk.forward, selective=not full)
+        setattr(blk, _AC_ATTR, "full" if full else "selective")
+
+
+# ---------------------------------------------------------------------------------------------- 2. compile
+def compile_blocks(backbone: nn.Module) -> None:
+    """`torch.compile` each transformer block in place (names and state-dict keys unchanged)."""
+    for blk in backbone.blocks:
+        blk.compile()
+
+
+# ---------------------------------------------------------------------------------------------- 3. FSDP2
+def fsdp_enabled(model: nn.Module) -> bool:
+    """True when any submodule of `model` is FSDP2-sharded (then FSDP reduces the gradients, not the loop)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _fsdp_api() -> tuple[Any, Any, Any]:
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch 2.4/2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    return fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(module: nn.Module, group: Optional[Any] = None) -> None:
+    """Copy rank 0's parameters and buffers to every rank (plain tensors only, before sharding)."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src, group=group)
+
+
+def _shard_backbone(
+    backbone: nn.Module, shard: Callable[..., Any], reshard: Optional[bool], root_reshard: Optional[bool],
+    register: Callable[..., Any],
+) -> None:
+    blocks = list(backbone.blocks)
+    for blk in blocks:
+        shard(blk, reshard_after_forward=reshard)
+    shard(backbone, reshard_after_forward=root_reshard)
+    # the meta-arch calls these methods directly, not forward(): FSDP must gather the root's parameters for them
+    for name in ("forward_features", "get_intermediate_layers"):
+        if hasattr(backbone, name):
+            register(backbone, name)
+    for prev, nxt in zip(blocks[:-1], blocks[1:]):
+        if hasattr(prev, "set_modules_to_forward_prefetch"):
+            prev.set_modules_to_forward_prefetch([nxt])
+            nxt.set_modules_to_backward_prefetch([prev])
+
+
+def parallelize_meta_arch(
+    model: nn.Module,
+    cfg: Any,
+    device: DeviceInfo,
+    world_size: int,
+    *,
+    force_fsdp: bool = False,
+    group: Optional[Any] = None,
+) -> None:
+    """Checkpointing -> compile -> FSDP2 on `model` (an `SSLMetaArch`) in place; call after `init_weights()` and
+    before building the optimizer (FSDP replaces the parameters by sharded DTensors).
+
+    cfg: the full config (train.checkpointing, train.checkpointing_full, train.compile, compute_precision.*).
+    device: this process's device. world_size: ranks of the data-parallel group.
+    force_fsdp: shard even with world_size == 1 (a 1-rank group must exist). group: the data-parallel process group
+      (default: the default group).
+    FSDP is applied only when a process group exists and (world_size > 1 or force_fsdp) and the strategy is not
+    NO_SHARD; otherwise the model stays replicated (check with `fsdp_enabled`).
+    """
+    train = cfg.train
+    prec = cfg.compute_precision
+    strategy = str(prec.get("sharding_strategy", "SHARD_GRAD_OP")).upper()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"compute_precision.sharding_strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
+    param_dtype = parse_dtype(prec.param_dtype, "compute_precision.param_dtype")
+    reduce_dtype = parse_dtype(prec.reduce_dtype, "compute_precision.reduce_dtype")
+    has_group = dist.is_available() and dist.is_initialized()
+
+    # 1. activation checkpointing (student blocks only: the teacher runs without grad)
+    if bool(train.get("checkpointing", False)):
+        apply_activation_checkpointing(model.student.backbone.blocks, full=bool(train.get("checkpointing_full", False)))
+
+    # 2. compile, per block
+    backbones = [model.student.backbone, model.teacher.backbone]
+    gram = getattr(model, "gram_teacher", None)
+    if gram is not None:
+        backbones.append(gram)
+    if bool(train.get("compile", False)):
+        if device.compile_default:
+            for bb in backbones:
+                compile_blocks(bb)
+        else:
+            log.info("train.compile=true: torch.compile is skipped on %s", device.type)
+
+    # 3. FSDP2
+    want = world_size > 1 or force_fsdp
+    if want and not has_group:
+        raise ValueError("parallelize_meta_arch: sharding asked for (world_size > 1 or force_fsdp) but no process "
+                         "group is initialised")
+    if has_group:
+        _broadcast_from_rank0(model, group)  # every rank starts from rank 0's model
+    if not want:
+        return
+    if strategy == "NO_SHARD":
+        log.info("compute_precision.sharding_strategy=NO_SHARD: model replicated, gradients all-reduced by the loop")
+        return
+    if not (device.supports_fsdp or device.type == "cpu"):  # FSDP2 over gloo works on CPU (tests run it)
+        log.info("FSDP2 is not supported on %s: model replicated, gradients all-reduced by the loop", device.type)
+        return
+
+    fully_shard, MixedPrecisionPolicy, register = _fsdp_api()
+    if device.autocast_dtype is None and param_dtype != torch.float32:
+        log.info("compute_precision.param_dtype=%s ignored: %s trains in fp32", prec.param_dtype, device.type)
+        param_dtype = torch.float32
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    if group is None:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    else:
+        mesh = DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
+
+    # student: blocks reshard per the strategy; roots keep FSDP's default (gathered until their backward)
+    student_reshard = STRATEGIES[strategy]
+    _shard_backbone(model.student.backbone, shard, student_reshard, None if student_reshard else False, register)
+    for name in ("dino_head", "ibot_head"):
+        shard(model.student[name], reshard_after_forward=None if student_reshard else False)
+    # teacher and Gram teacher: forward only -> always free the gathered parameters after forward, roots too
+    _shard_backbone(model.teacher.backbone, shard, True, True, register)
+    for name in ("dino_head", "ibot_head"):
+        shard(model.teacher[name], reshard_after_forward=True)
+    if gram is not None:
+        _shard_backbone(gram, shard, True, True, register)
+    log.info("FSDP2: %d ranks, %s, param_dtype=%s, reduce_dtype=%s", dist.get_world_size(group), strategy,
+             param_dtype, reduce_dtype)
