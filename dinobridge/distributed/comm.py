@@ -21,7 +21,7 @@ from torch import Tensor
 
 from typing import Optional
 
-__all__ = ["dist_ready", "dist_active", "world_size", "all_reduce", "gather_with_grad", "gather_no_grad"]
+__all__ = ["dist_ready", "dist_active", "world_size", "all_reduce", "broadcast_module", "gather_with_grad", "gather_no_grad"]
 
 
 def dist_ready() -> bool:
@@ -85,3 +85,13 @@ def gather_no_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Copy rank `src`'s parameters and buffers to every rank (ranks seed differently, so their inits differ)."""
+    if not dist_ready():
+        return
+    src = dist.get_global_rank(group, src) if group is not None else src
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=src, group=group)

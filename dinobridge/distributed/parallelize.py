@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinobridge.distributed.comm import broadcast_module
 from dinobridge.distributed.device import DeviceInfo
 from dinobridge.errors import ConfigError
 
@@ -150,14 +151,6 @@ def _fsdp_api() -> tuple[Any, Any, Any]:
     return fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method
 
 
-@torch.no_grad()
-def _broadcast_from_rank0(module: nn.Module, group: Optional[Any] = None) -> None:
-    """Copy rank 0's parameters and buffers to every rank (plain tensors only, before sharding)."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src, group=group)
-
-
 def _shard_backbone(
     backbone: nn.Module, shard: Callable[..., Any], reshard: Optional[bool], root_reshard: Optional[bool],
     register: Callable[..., Any],
@@ -226,7 +219,7 @@ def parallelize_meta_arch(
         raise ValueError("parallelize_meta_arch: sharding asked for (world_size > 1 or force_fsdp) but no process "
                          "group is initialised")
     if has_group:
-        _broadcast_from_rank0(model, group)  # every rank starts from rank 0's model
+        broadcast_module(model, group=group)  # every rank starts from rank 0's model
     if not want:
         return
     if strategy == "NO_SHARD":

@@ -76,6 +76,7 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
     from dinobridge.data.collate import MultiCropCollator
     from dinobridge.data.datasets import build_train_dataset
     from dinobridge.data.loader import build_train_loader
+    from dinobridge.distributed.comm import broadcast_module
     from dinobridge.distributed.device import select_device
     from dinobridge.distributed.setup import cleanup_distributed, init_distributed, seed_everything, set_deterministic
     from dinobridge.train.checkpoint import Checkpointer, export_teacher
@@ -118,6 +119,7 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
         model = build_meta_arch(cfg)
     model.to_empty(device=device.device)
     model.init_weights()
+    broadcast_module(model)  # ranks seed differently: every rank starts from rank 0's initialisation
     model.student.train()
     model.teacher.eval()
     params = [p for p in model.student.parameters() if p.requires_grad]
