@@ -249,7 +249,7 @@ def loader_kwargs_from_cfg(cfg: Any) -> dict[str, Any]:
     }
 
 
-def multicrop_config(cfg: Any) -> "MultiCropConfig":
+def multicrop_config(cfg: Any) -> Any:
     """The augmentation settings of a run: every `crops.*` key that `MultiCropConfig` has, plus the patch size."""
     from dataclasses import fields
 

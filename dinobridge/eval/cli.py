@@ -18,14 +18,12 @@ Usage errors print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 

@@ -14,19 +14,16 @@ Usage errors print one line to stderr and exit with code 2 before any model work
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device
-from dinobridge.errors import UserError
 from dinobridge.features.extractor import FeatureExtractor, Features, resolve_layers
 from dinobridge.features.image_folder import (
     IMAGE_EXTENSIONS,

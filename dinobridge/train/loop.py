@@ -8,17 +8,29 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from dinobridge.config import save_config
+from dinobridge.data.augmentation import MultiCropAugmentation
+from dinobridge.data.collate import MultiCropCollator
+from dinobridge.data.datasets import build_train_dataset
+from dinobridge.data.loader import build_train_loader, multicrop_config
+from dinobridge.distributed.comm import broadcast_module
+from dinobridge.distributed.device import select_device
+from dinobridge.distributed.parallelize import compile_blocks
+from dinobridge.distributed.setup import cleanup_distributed, init_distributed, seed_everything, set_deterministic
 from dinobridge.errors import UserError
+from dinobridge.train.checkpoint import Checkpointer, export_teacher
+from dinobridge.train.meta_arch import build_meta_arch
+from dinobridge.train.metrics import MetricLogger, StepTimer
+from dinobridge.train.monitors import rankme
+from dinobridge.train.optim import apply_schedule, build_optimizer, build_param_groups, clip_grad_norms
+from dinobridge.train.schedules import build_schedules
 
 log = logging.getLogger("dinobridge")
 
@@ -70,34 +82,29 @@ def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 # ---------------------------------------------------------------------------------------------- train
 def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
     """Train one job described by `cfg`; returns a summary (final iteration, last losses, kNN results)."""
-    from dinobridge.config import save_config
-    from dinobridge.data.augmentation import MultiCropAugmentation
-    from dinobridge.data.loader import multicrop_config
-    from dinobridge.data.collate import MultiCropCollator
-    from dinobridge.data.datasets import build_train_dataset
-    from dinobridge.data.loader import build_train_loader
-    from dinobridge.distributed.comm import broadcast_module
-    from dinobridge.distributed.device import select_device
-    from dinobridge.distributed.setup import cleanup_distributed, init_distributed, seed_everything, set_deterministic
-    from dinobridge.train.checkpoint import Checkpointer, export_teacher
-    from dinobridge.train.meta_arch import build_meta_arch
-    from dinobridge.train.metrics import MetricLogger, StepTimer
-    from dinobridge.train.monitors import rankme
-    from dinobridge.train.optim import apply_schedule, build_optimizer, build_param_groups, clip_grad_norms
-    from dinobridge.train.schedules import build_schedules
-
     # ---------------------------------------------------------------- setup: device, ranks, run dir, data
     device = select_device(str(cfg.MODEL.DEVICE))
     distinfo = init_distributed(device)
-    rank, world, is_main = distinfo.rank, distinfo.world_size, distinfo.is_main
+    is_main = distinfo.is_main
     out = Path(cfg.train.output_dir)
+    file_log: Optional[logging.Handler] = None
     if is_main:
         _check_output_dir(out)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        fh = logging.FileHandler(out / "log.txt")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("dinobridge").addHandler(fh)
+        file_log = logging.FileHandler(out / "log.txt")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(file_log)
         save_config(cfg, out / "config.yaml")
+    try:
+        return _train(cfg, resume, device, distinfo, out)
+    finally:
+        if file_log is not None:  # several jobs in one process (sweeps, tests) each get their own log.txt
+            log.removeHandler(file_log)
+            file_log.close()
+
+
+def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dict[str, Any]:
+    rank, world, is_main = distinfo.rank, distinfo.world_size, distinfo.is_main
     set_deterministic(bool(cfg.train.deterministic))
     seed_everything(int(cfg.train.seed), rank)
     log.info("device %s, rank %d/%d", device.name, rank, world)
@@ -125,12 +132,10 @@ def train(cfg: Any, resume: bool = True) -> dict[str, Any]:
     params = [p for p in model.student.parameters() if p.requires_grad]
     optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg, device.type)
     schedules = build_schedules(cfg, epoch_len, total_iter, global_batch)
-    compile_requested = bool(cfg.train.compile)
-    if compile_requested and device.compile_default:
-        for side in (model.student, model.teacher):
-            for blk in side.backbone.blocks:
-                blk.compile()
-    elif compile_requested:
+    if cfg.train.compile and device.compile_default:
+        compile_blocks(model.student.backbone)
+        compile_blocks(model.teacher.backbone)
+    elif cfg.train.compile:
         log.info("train.compile=true: torch.compile is skipped on %s", device.type)
 
     ckpt_cfg = cfg.checkpointing

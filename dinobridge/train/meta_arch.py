@@ -21,7 +21,7 @@ from dinobridge.errors import ConfigError
 from dinobridge.models import ARCHS, build_vit, load_pretrained
 from dinobridge.models.checkpoint import extract_backbone_state_dict, load_state_dict_file
 from dinobridge.models.heads import DINOHead
-from dinobridge.objectives import DINOObjective, GramObjective, IBOTObjective, KoLeoObjective, Objective, SSLStep
+from dinobridge.objectives import DINOObjective, GramObjective, IBOTObjective, KoLeoObjective, SSLStep
 from dinobridge.train.monitors import target_stats
 
 log = logging.getLogger("dinobridge")

@@ -20,8 +20,6 @@ weights of `resize_shuffle_augmentor`, which use the zero-epoch format of `weigh
 from __future__ import annotations
 
 import logging
-
-import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
