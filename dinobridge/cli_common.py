@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import torch
 
-from dinobridge.errors import UserError
+from dinobridge.errors import UserError, one_line
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,3 +59,26 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def run_subcommand(prog: str, parser: "argparse.ArgumentParser", run: Callable[[Any], int], argv: Sequence[str]) -> int:
+    """Parse `argv`, call `run(args)`; user errors become one line on stderr and exit code 2."""
+    from dinobridge.models.checkpoint import CheckpointMismatchError
+
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as e:  # --help (0) or an argparse usage error (2), already printed
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (UserError, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"{prog} {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "weights file" in str(e):  # unreadable / not a state dict (dinobridge.models.checkpoint)
+            print(f"{prog} {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        raise

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dinobridge.data.datasets import load_sample
 from dinobridge.data.sampler import InfiniteSampler
-from dinobridge.errors import DataError
+from dinobridge.errors import DataError, one_line
 
 
 def _accepts_kwarg(fn: Callable, name: str) -> bool:
@@ -143,16 +143,6 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run many small CPU ops; avoid oversubscribing the cores
 
 
-def _one_line(exc: BaseException) -> str:
-    """A DataError re-raised from a worker carries the worker traceback; keep its last line's message."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return str(exc)
-    last = lines[-1]
-    marker = f"{type(exc).__name__}: "
-    return last.split(marker, 1)[1] if marker in last else last
-
-
 class TrainLoader:
     """Endless iterable of training batches (see the module docstring); ``iter()`` starts at `start_iter`."""
 
@@ -173,7 +163,7 @@ class TrainLoader:
             try:
                 batch = next(iterator)
             except DataError as exc:
-                raise DataError(_one_line(exc)) from None
+                raise DataError(one_line(exc)) from None
             yield batch
 
 

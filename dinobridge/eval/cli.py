@@ -27,8 +27,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device
-from dinobridge.errors import UserError
+from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device, run_subcommand
 
 PROG = "dinobridge eval"
 
@@ -317,35 +316,8 @@ def run_linear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
-    # errors raised in DataLoader workers come back with the worker traceback; its last line names the error
-    lines = [s for s in str(e).splitlines() if s.strip()]
-    if not lines:
-        return type(e).__name__
-    prefix = f"{type(e).__module__}.{type(e).__name__}: "
-    return lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `dinobridge eval`; returns the exit code (2 for usage errors)."""
-    from dinobridge.models.checkpoint import CheckpointMismatchError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or an argparse usage error (2), already printed
-        return int(e.code or 0)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return {"knn": run_knn, "linear": run_linear}[args.command](args)
-    except (UserError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if "weights file" in str(e):  # unreadable / not a state dict (dinobridge.models.checkpoint)
-            print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+    dispatch = {"knn": run_knn, "linear": run_linear}
+    return run_subcommand(PROG, build_parser(), lambda args: dispatch[args.command](args),
+                          sys.argv[1:] if argv is None else argv)

@@ -32,8 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dinobridge.cli_common import UsageError, resolve_device
-from dinobridge.errors import UserError
+from dinobridge.cli_common import run_subcommand, UsageError, resolve_device
 
 PROG = "dinobridge viz"
 
@@ -192,25 +191,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `dinobridge viz`; returns the exit code (2 for usage errors)."""
-    from dinobridge.eval.cli import _one_line
-    from dinobridge.models.checkpoint import CheckpointMismatchError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or an argparse usage error (2), already printed
-        return int(e.code or 0)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except (UserError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if "weights file" in str(e):  # unreadable / not a state dict (dinobridge.models.checkpoint)
-            print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+    return run_subcommand(PROG, build_parser(), run, sys.argv[1:] if argv is None else argv)
