@@ -82,3 +82,25 @@ def run_subcommand(prog: str, parser: "argparse.ArgumentParser", run: Callable[[
             print(f"{prog} {args.command}: error: {one_line(e)}", file=sys.stderr)
             return 2
         raise
+
+
+def check_model_args(args: Any) -> None:
+    """Checks of the model-selection options shared by `eval` and `viz` (--model | --arch [--patch-size] and
+    --weights | --random-init); they need neither data nor a model."""
+    from pathlib import Path
+
+    from dinobridge.hub import ENTRYPOINTS
+    from dinobridge.models.vision_transformer import ARCHS
+
+    if args.model is not None and args.model not in ENTRYPOINTS:
+        raise UsageError(f"--model: unknown model {args.model!r}; expected one of {', '.join(ENTRYPOINTS)}")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UsageError(f"--arch: unknown preset {args.arch!r}; expected one of {', '.join(sorted(ARCHS))}")
+    if args.patch_size is not None and (args.arch is None or args.patch_size < 1):
+        raise UsageError("--patch-size: expected a positive int, used with --arch only (else use --override)")
+    if args.weights is None and not args.random_init:
+        raise UsageError("--weights: a weights file is required (or --random-init for a random model)")
+    if args.weights is not None and args.random_init:
+        raise UsageError("--weights and --random-init are exclusive: choose one")
+    if args.weights is not None and not Path(args.weights).expanduser().is_file():
+        raise UsageError(f"--weights: file not found: {args.weights}")

@@ -27,7 +27,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dinobridge.cli_common import PRECISIONS, UsageError, parse_overrides, resolve_device, run_subcommand
+from dinobridge.cli_common import (
+    PRECISIONS,
+    UsageError,
+    check_model_args,
+    parse_overrides,
+    resolve_device,
+    run_subcommand,
+)
 
 PROG = "dinobridge eval"
 
@@ -87,21 +94,7 @@ def load_run_backbone(path: Path, overrides: Mapping[str, Any]) -> tuple[torch.n
 
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need neither data nor model."""
-    from dinobridge.hub import ENTRYPOINTS
-    from dinobridge.models.vision_transformer import ARCHS
-
-    if args.model is not None and args.model not in ENTRYPOINTS:
-        raise UsageError(f"--model: unknown model {args.model!r}; expected one of {', '.join(ENTRYPOINTS)}")
-    if args.arch is not None and args.arch not in ARCHS:
-        raise UsageError(f"--arch: unknown preset {args.arch!r}; expected one of {', '.join(sorted(ARCHS))}")
-    if args.patch_size is not None and (args.arch is None or args.patch_size < 1):
-        raise UsageError("--patch-size: expected a positive int, used with --arch only (else use --override)")
-    if args.weights is None and not args.random_init:
-        raise UsageError("--weights: a weights file is required (or --random-init for a random baseline)")
-    if args.weights is not None and args.random_init:
-        raise UsageError("--weights and --random-init are exclusive: choose one")
-    if args.weights is not None and not Path(args.weights).expanduser().is_file():
-        raise UsageError(f"--weights: file not found: {args.weights}")
+    check_model_args(args)
     for name in ("train", "val"):
         if not Path(getattr(args, name)).expanduser().is_dir():
             raise UsageError(f"--{name}: {getattr(args, name)} is not a directory; expected DIR/<class>/<image>")

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dinobridge.cli_common import run_subcommand, UsageError, resolve_device
+from dinobridge.cli_common import UsageError, check_model_args, resolve_device, run_subcommand
 
 PROG = "dinobridge viz"
 
@@ -69,21 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> list[Path]:
     """Checks that need no model; returns the image paths."""
     from dinobridge.features.image_folder import find_images
-    from dinobridge.hub import ENTRYPOINTS
-    from dinobridge.models.vision_transformer import ARCHS
-
-    if args.model is not None and args.model not in ENTRYPOINTS:
-        raise UsageError(f"--model: unknown model {args.model!r}; expected one of {', '.join(ENTRYPOINTS)}")
-    if args.arch is not None and args.arch not in ARCHS:
-        raise UsageError(f"--arch: unknown preset {args.arch!r}; expected one of {', '.join(sorted(ARCHS))}")
-    if args.patch_size is not None and (args.arch is None or args.patch_size < 1):
-        raise UsageError("--patch-size: expected a positive int, used with --arch only (else use --override)")
-    if args.weights is None and not args.random_init:
-        raise UsageError("--weights: a weights file is required (or --random-init for a random model)")
-    if args.weights is not None and args.random_init:
-        raise UsageError("--weights and --random-init are exclusive: choose one")
-    if args.weights is not None and not Path(args.weights).expanduser().is_file():
-        raise UsageError(f"--weights: file not found: {args.weights}")
+    check_model_args(args)
     if args.size < 1:
         raise UsageError(f"--size: expected a positive int, got {args.size}")
     fg = getattr(args, "fg_threshold", None)
