@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +14,7 @@ from dinobridge.eval.extract import ClassFolderDataset, extract_features, make_e
 from dinobridge.eval.knn import knn_classify
 from dinobridge.errors import DataError
 from dinobridge.models.vision_transformer import build_vit
+from vit_utils import write_two_class_folders
 
 
 # ---------------------------------------------------------------------- knn_classify
@@ -107,16 +107,7 @@ def test_invalid_inputs_are_rejected():
 
 # ---------------------------------------------------------------------- extraction and datasets
 def _write_folders(root, n_per_class: int = 8, size: int = 32):
-    """train/ and val/ with a black-ish and a white-ish class (small noise so images differ)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_per_class), ("val", n_per_class // 2)):
-        for cls, base in (("black", 10), ("white", 245)):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = np.clip(base + rng.integers(-10, 11, (size, size + 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return root / "train", root / "val"
+    return write_two_class_folders(root, n_per_class, size, classes=("black", "white"))
 
 
 def test_transform_and_extract(tmp_path):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinobridge.cli import main as dinobridge_main
 from dinobridge.eval.linear import (ClsAvgpool, best_probe, extract_probe_features, split_feature_types,
                                     train_linear_probes)
 from dinobridge.models.vision_transformer import VisionTransformer, build_vit
+from vit_utils import write_two_class_folders
 
 LRS = (1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -111,16 +110,7 @@ def test_cls_avgpool_features_match_forward_features():
 
 # ---------------------------------------------------------------------- CLI
 def _write_folders(root, n_per_class: int = 8, size: int = 32):
-    """train/ and val/ with a dark and a bright class (small noise so images differ)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_per_class), ("val", n_per_class // 2)):
-        for cls, base in (("dark", 10), ("bright", 245)):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = np.clip(base + rng.integers(-10, 11, (size, size + 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return root / "train", root / "val"
+    return write_two_class_folders(root, n_per_class, size, classes=("dark", "bright"))
 
 
 def _save_random_vit(path):

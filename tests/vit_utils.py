@@ -1,6 +1,8 @@
 """Test helpers shared by the parity and export tests."""
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dinobridge.models import VisionTransformer
 
@@ -17,3 +19,16 @@ def randomise_vit(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def write_two_class_folders(root, n_per_class: int = 8, size: int = 32, classes=("black", "white")):
+    """train/ and val/ with a dark and a bright class (small noise so images differ); returns (train, val) dirs."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_per_class), ("val", n_per_class // 2)):
+        for cls, base in zip(classes, (10, 245)):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(base + rng.integers(-10, 11, (size, size + 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root / "train", root / "val"

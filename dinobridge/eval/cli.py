@@ -40,25 +40,30 @@ PROG = "dinobridge eval"
 
 
 # ---------------------------------------------------------------------- parser
+def _add_model_and_data_args(p: argparse.ArgumentParser) -> None:
+    """The options every `eval` subcommand shares: which backbone, which weights, which train / val folders."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="NAME", help="hub model, e.g. dinov3_vitl16, dinov2_vitb14_reg")
+    src.add_argument("--config", metavar="FILE", help="config.yaml of a dinobridge run (or the run directory); "
+                     "the backbone is built as the trainer builds it")
+    src.add_argument("--arch", metavar="PRESET", help="ViT preset (vit_small, vit_base, ...); see --patch-size, "
+                     "--override")
+    p.add_argument("--patch-size", type=int, metavar="P", help="patch size with --arch (default 16)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture field (a ViTConfig field), e.g. n_storage_tokens=4; repeatable")
+    p.add_argument("--weights", metavar="FILE", help="backbone weights (.pth/.safetensors: official, teacher "
+                   "export or HF layout)")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
+    p.add_argument("--train", required=True, metavar="DIR", help="train set, DIR/<class>/<image>")
+    p.add_argument("--val", required=True, metavar="DIR", help="val set, DIR/<class>/<image>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Evaluate frozen backbone features.")
     sub = ap.add_subparsers(dest="command", metavar="{knn,linear}")
     knn = sub.add_parser("knn", help="weighted kNN classification (DINO protocol) on class-folder datasets",
                          description="Weighted kNN accuracy of the normed CLS features (DINO protocol).")
-    src = knn.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="NAME", help="hub model, e.g. dinov3_vitl16, dinov2_vitb14_reg")
-    src.add_argument("--config", metavar="FILE", help="config.yaml of a dinobridge run (or the run directory); "
-                     "the backbone is built from its student: block")
-    src.add_argument("--arch", metavar="PRESET", help="ViT preset (vit_small, vit_base, ...); see --patch-size, "
-                     "--override")
-    knn.add_argument("--patch-size", type=int, metavar="P", help="patch size with --arch (default 16)")
-    knn.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                     help="architecture field (a ViTConfig field), e.g. n_storage_tokens=4; repeatable")
-    knn.add_argument("--weights", metavar="FILE", help="backbone weights (.pth/.safetensors: official, teacher "
-                     "export or HF layout)")
-    knn.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
-    knn.add_argument("--train", required=True, metavar="DIR", help="train set, DIR/<class>/<image>")
-    knn.add_argument("--val", required=True, metavar="DIR", help="val set, DIR/<class>/<image>")
+    _add_model_and_data_args(knn)
     knn.add_argument("--k", type=int, nargs="+", default=[20, 200], metavar="K", help="neighbours (default 20 200)")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
     knn.add_argument("--size", type=int, default=224, help="centre-crop side, rounded to a multiple of the patch "
@@ -181,20 +186,7 @@ def _add_linear_parser(sub: Any) -> None:
     lin = sub.add_parser("linear", help="linear probe (DINOv2 protocol) on class-folder datasets",
                          description="Linear classifiers on frozen CLS and CLS+mean-patch features, over a grid of "
                          "learning rates, all trained in one pass over features extracted once.")
-    src = lin.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="NAME", help="hub model, e.g. dinov3_vitl16, dinov2_vitb14_reg")
-    src.add_argument("--config", metavar="FILE", help="config.yaml of a dinobridge run (or the run directory); "
-                     "the backbone is built from its student: block")
-    src.add_argument("--arch", metavar="PRESET", help="ViT preset (vit_small, vit_base, ...); see --patch-size, "
-                     "--override")
-    lin.add_argument("--patch-size", type=int, metavar="P", help="patch size with --arch (default 16)")
-    lin.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                     help="architecture field (a ViTConfig field), e.g. n_storage_tokens=4; repeatable")
-    lin.add_argument("--weights", metavar="FILE", help="backbone weights (.pth/.safetensors: official, teacher "
-                     "export or HF layout)")
-    lin.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
-    lin.add_argument("--train", required=True, metavar="DIR", help="train set, DIR/<class>/<image>")
-    lin.add_argument("--val", required=True, metavar="DIR", help="val set, DIR/<class>/<image>")
+    _add_model_and_data_args(lin)
     lin.add_argument("--epochs", type=int, default=100, help="epochs over the cached train features (default 100)")
     lin.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1], metavar="LR",
                      help="learning-rate grid, SGD momentum 0.9 with cosine decay (default 1e-4 1e-3 1e-2 1e-1)")
