@@ -55,7 +55,8 @@ def test_tiny_run_writes_logs_checkpoints_and_exports(tmp_path, capsys):
     m = metrics(tmp_path)
     assert sorted(m) == [1, 2, 3, 4]
     for key in ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "lr",
-                "wd", "momentum", "teacher_temp", "backbone_grad_norm", "img_per_s", "data_wait_pct"):
+                "wd", "momentum", "teacher_temp", "backbone_grad_norm", "img_per_s", "data_wait_pct",
+                "dino_target_entropy", "ibot_target_entropy", "dino_target_prototypes_in_use", "teacher_rankme"):
         assert key in m[4] and m[4][key] == m[4][key], key  # present and not NaN
     assert (tmp_path / "ckpt" / "00000004.pth").is_file()
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "log.txt").is_file()

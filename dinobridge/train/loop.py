@@ -194,8 +194,9 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
             apply_schedule(optimizer, s.lr, s.wd, s.last_layer_lr)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
+                log_step = (it + 1) % log_period == 0 or it + 1 == max_iter
                 loss, terms = model(batch, teacher_temp=s.teacher_temp, iteration=it, epoch=it / epoch_len,
-                                    extras=schedules.extras(it))
+                                    extras=schedules.extras(it), monitors=log_step)
             loss.backward()
             _all_reduce_grads(params)
             norms = clip_grad_norms(model.student, clip)
@@ -221,7 +222,7 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
             it += 1
             timer.step_done(global_batch)
 
-            if it % log_period == 0 or it == max_iter:
+            if log_step:
                 scalars = {k: float(v) for k, v in terms.items()}
                 scalars.update({f"{k}_grad_norm": float(v) for k, v in norms.items()})
                 scalars = _mean_over_ranks(scalars, device.device)

@@ -165,7 +165,10 @@ class SSLMetaArch(nn.Module):
         iteration: int = 0,
         epoch: float = 0.0,
         extras: Optional[dict[str, Any]] = None,
+        monitors: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's weighted loss and logged terms; `monitors` adds the collapse statistics of the teacher targets
+        (cheap, but not free at K = 65536, so the loop asks for them only on logging steps)."""
         step = self.compute_step(batch, teacher_temp, iteration, epoch, extras or {})
         total = step.student_dino_global.new_zeros((), dtype=torch.float32)
         logs: dict[str, Tensor] = {}
@@ -174,9 +177,10 @@ class SSLMetaArch(nn.Module):
             total = total + loss.float()
             logs.update(terms)
         logs["total_loss"] = total.detach()
-        logs.update(target_stats(step.dino_targets, "dino_target"))  # collapse monitors
-        if step.ibot_targets is not None:
-            logs.update(target_stats(step.ibot_targets, "ibot_target"))
+        if monitors:
+            logs.update(target_stats(step.dino_targets, "dino_target"))
+            if step.ibot_targets is not None:
+                logs.update(target_stats(step.ibot_targets, "ibot_target"))
         return total, logs
 
     def compute_step(
