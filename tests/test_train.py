@@ -210,7 +210,7 @@ BAD_CONFIG_CASES = [
     (["student.arch=vit_smol", "train.max_iter=1"], ["vit_smol"]),
     (["crops.global_crops_size=30"], ["global_crops_size"]),
     (["ibot.mask_ratio_min_max=[0.6,0.2]"], ["mask_ratio_min_max"]),
-    (["MODEL.META_ARCHITECTURE=SSLResizeShuffle", "train.max_iter=1"], ["SSLResizeShuffle"]),
+    (["MODEL.META_ARCHITECTURE=SSLNope", "train.max_iter=1"], ["SSLNope"]),
     (["train.centering=banana", "train.max_iter=1"], ["banana"]),
     (["train.dataset_path=NotAThing:root=x"], ["NotAThing"]),
     (["student.pretrained_weights=/nonexistent/w.pth", "train.max_iter=1"], ["/nonexistent/w.pth"]),
@@ -281,10 +281,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys)
 
 
 def test_torchrun_two_processes_share_one_run_directory(tmp_path):
-    """2 CPU processes (gloo) under torchrun: one run directory, only rank 0 writes logs and checkpoints."""
+    """2 CPU processes (gloo) under torchrun, replicated (NO_SHARD; the FSDP2 default is tested in
+    tests/test_fsdp_train.py): one run directory, only rank 0 writes logs and single-file checkpoints."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "dinobridge.train", "--output-dir", str(run), *TINY, "train.max_iter=2"]
+           "dinobridge.train", "--output-dir", str(run), *TINY, "train.max_iter=2",
+           "compute_precision.sharding_strategy=NO_SHARD"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

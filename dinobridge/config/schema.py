@@ -318,7 +318,10 @@ class CropsConfig:
     list. teacher_to_student_resolution_scale: only changes the mask grid size.
     use_resize_shuffle_augmentor (user's key): make the auxiliary views of `resize_shuffle_augmentor`.
     resize_shuffle_augmentor_switch (user's key): must be null (in the public code a runtime object, never set from
-    YAML). gpu_augmentation (ours): run the crop/colour pipeline on the accelerator instead of in the workers.
+    YAML). gpu_augmentation (ours): the loader workers still decode, crop, resize, flip and draw every random
+    parameter (the same draws, so the same random stream and exact resume), but colour jitter, grayscale, blur,
+    solarize and normalisation run batched on the accelerator (dinobridge.data.gpu_augmentation; same results as
+    the CPU path up to float rounding); share_color_jitter stays in the workers.
     """
 
     global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
@@ -366,7 +369,13 @@ class EvaluationConfig:
     Ours (online k-NN monitor): knn_period (iterations, 0 = off), knn_train / knn_val (dataset strings as
     train.dataset_path; null = the built-in train/val splits when the training data is built-in), knn_k (list of k),
     knn_temperature, knn_at_end (also evaluate once after the last iteration), knn_train_size / knn_val_size (images
-    of the built-in splits)."""
+    of the built-in splits).
+    Ours (online linear probe, dinobridge.train.online_eval): linear_period (iterations, 0 = off) trains linear
+    classifiers on the kNN train data's features (CLS and CLS + mean patch token) for linear_epochs epochs, one per
+    learning rate of linear_lrs, and reports the best top-1 on the kNN val data.
+    Ours (pictures to tensorboard): picture_period (iterations, 0 = off) writes, for a fixed set of picture_images
+    images of the kNN val data (one per class first), the PCA map of the patch features and the last block's CLS
+    attention."""
 
     eval_period_iterations: int = 12500
     low_freq_every: int = 5
@@ -379,6 +388,11 @@ class EvaluationConfig:
     knn_at_end: bool = True
     knn_train_size: int = 2000  # images of the built-in train / val splits used for kNN
     knn_val_size: int = 1000
+    linear_period: int = 0
+    linear_lrs: List[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    linear_epochs: int = 10
+    picture_period: int = 0
+    picture_images: int = 4
 
 
 @dataclass

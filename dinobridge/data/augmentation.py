@@ -30,6 +30,12 @@ grayscale work in place; hue is a fused HSV rotation without comparisons; the 9-
 match torchvision's float ops to ~1e-6 (not the PIL path bit for bit: PIL rounds to uint8 between ops). The ops are
 small: run with one intra-op thread (DataLoader workers do by default); several threads on a busy machine stall.
 
+``gpu_augmentation``: the same geometry and the same draws, but the crops are returned as uint8 with their
+photometric parameters (``global_photometric`` / ``local_photometric``, see `photometric_tensors`); the colour ops,
+blur, solarize and normalisation then run batched on the accelerator (`dinobridge.data.gpu_augmentation`), through
+the kernels below, which also take one parameter per image of a batch [N, 3, H, W] as a tensor [N]. Factors and
+sigmas are rounded to float32 when drawn, so both paths apply the same values (bit-identical results on the CPU).
+
 Randomness: every random number is drawn from one ``torch.Generator``: ``aug(img, generator_seed=s)`` uses a fresh
 generator seeded with `s` (global RNG untouched; same seed -> same crops), ``aug(img)`` uses torch's global RNG (which
 a DataLoader seeds per worker). For resumable pipelines pass ``generator_seed=derive_seed(seed, rank, sample_key)``.
@@ -48,6 +54,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # op codes 0..3 of a jitter order
+IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)  # factors at which each jitter op is skipped
 
 # crops.* keys consumed by other components (loader, mask grid, auxiliary augmentors), accepted and ignored here
 _KEYS_USED_ELSEWHERE = (
@@ -55,7 +63,6 @@ _KEYS_USED_ELSEWHERE = (
     "teacher_to_student_resolution_scale",
     "use_resize_shuffle_augmentor",
     "resize_shuffle_augmentor_switch",
-    "gpu_augmentation",
 )
 
 
@@ -79,6 +86,9 @@ class MultiCropConfig:
     horizontal_flips: bool = True
     rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # True: the crops leave the workers as uint8 with their photometric parameters; `DeviceAugmentation`
+    # (dinobridge.data.gpu_augmentation) applies colour / blur / solarize / normalisation on the accelerator
+    gpu_augmentation: bool = False
     # not crops.* keys: official constants, exposed
     patch_size: int = 16  # window alignment for localcrops_subset_of_globalcrops
     crops_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -175,47 +185,64 @@ class MultiCropConfig:
 
 
 # ---------------------------------------------------------------------------------------------- float kernels
-# All take / modify float32 images [3, H, W] with values in [0, 1].
+# All take / modify float32 images [..., 3, H, W] with values in [0, 1]: one image [3, H, W] (the worker path, with
+# Python float parameters) or a batch [N, 3, H, W] with one parameter per image as a tensor [N] (the device path,
+# dinobridge.data.gpu_augmentation). Both run the same arithmetic.
+def _per_image(value: float | torch.Tensor, ndim: int) -> float | torch.Tensor:
+    """A float as is; a tensor [N] of per-image values as [N, 1, ..., 1] (`ndim` dims) for broadcasting."""
+    if torch.is_tensor(value):
+        return value.view(-1, *([1] * (ndim - 1)))
+    return value
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma [H, W] with torchvision's weights."""
+    """Luma [..., H, W] with torchvision's weights."""
     wr, wg, wb = GRAY_WEIGHTS
-    return torch.mul(x[0], wr).add_(x[1], alpha=wg).add_(x[2], alpha=wb)
+    r, g, b = x.unbind(-3)
+    return torch.mul(r, wr).add_(g, alpha=wg).add_(b, alpha=wb)
 
 
-def _adjust_brightness_(x: torch.Tensor, factor: float) -> None:
-    x.mul_(factor).clamp_(0.0, 1.0)
+def _adjust_brightness_(x: torch.Tensor, factor: float | torch.Tensor) -> None:
+    x.mul_(_per_image(factor, x.dim())).clamp_(0.0, 1.0)
 
 
-def _adjust_contrast_(x: torch.Tensor, factor: float) -> None:
+def _adjust_contrast_(x: torch.Tensor, factor: float | torch.Tensor) -> None:
     wr, wg, wb = GRAY_WEIGHTS
-    means = x.mean(dim=(-2, -1))
-    gray_mean = means[0] * wr + means[1] * wg + means[2] * wb
-    x.mul_(factor).add_(gray_mean * (1.0 - factor)).clamp_(0.0, 1.0)
+    f = _per_image(factor, x.dim())
+    mr, mg, mb = x.mean(dim=(-2, -1)).unbind(-1)  # [...] each
+    gray_mean = mr * wr + mg * wg + mb * wb
+    if gray_mean.dim():  # a batch: [N] -> [N, 1, 1, 1]
+        gray_mean = gray_mean.view(-1, 1, 1, 1)
+    x.mul_(f).add_(gray_mean * (1.0 - f)).clamp_(0.0, 1.0)
 
 
-def _adjust_saturation_(x: torch.Tensor, factor: float) -> None:
-    gray = _gray(x)
-    x.mul_(factor).add_(gray, alpha=1.0 - factor).clamp_(0.0, 1.0)
+def _adjust_saturation_(x: torch.Tensor, factor: float | torch.Tensor) -> None:
+    gray = _gray(x).unsqueeze_(-3)
+    if torch.is_tensor(factor):  # addcmul_ rounds like add_(alpha=) on the CPU (one fused multiply-add)
+        f = _per_image(factor, x.dim())
+        x.mul_(f).addcmul_(gray, 1.0 - f).clamp_(0.0, 1.0)
+    else:
+        x.mul_(factor).add_(gray, alpha=1.0 - factor).clamp_(0.0, 1.0)
 
 
 def _grayscale_(x: torch.Tensor) -> None:
-    x.copy_(_gray(x).expand_as(x))
+    x.copy_(_gray(x).unsqueeze(-3).expand_as(x))
 
 
 _HSV_CHANNEL_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
-def _adjust_hue_(x: torch.Tensor, factor: float) -> None:
+def _adjust_hue_(x: torch.Tensor, factor: float | torch.Tensor, channel_offsets: torch.Tensor | None = None) -> None:
     """Rotate the HSV hue by `factor` turns (|factor| <= 0.5; V and S kept), written into `x`.
 
     Hue h in sextants [0, 6); channel n of the result is ``max - chroma * clamp(2 - d, 0, 1)`` where d is the
     distance from ``k = n + h`` (n = 5, 3, 1 for R, G, B; k in [1, 11)) to the nearest of 2 and 8. Which channel is
     the maximum is found with ``1 + sign(v - max)`` (float ops; boolean masks are much slower on CPU), R before G
-    before B as in torchvision.
+    before B as in torchvision. `channel_offsets`: `_HSV_CHANNEL_OFFSETS` on x's device (None: the CPU copy).
     """
-    r, g, b = x.unbind(0)
-    mx = x.amax(dim=0)
-    chroma = mx - x.amin(dim=0)
+    r, g, b = x.unbind(-3)
+    mx = x.amax(dim=-3)
+    chroma = mx - x.amin(dim=-3)
     is_r = torch.sign(r - mx).add_(1.0)
     is_g = torch.sign(g - mx).add_(1.0).mul_(1.0 - is_r)
     is_b = 1.0 - is_r - is_g
@@ -223,12 +250,12 @@ def _adjust_hue_(x: torch.Tensor, factor: float) -> None:
     h = (g - b).mul_(is_r)
     h.addcmul_((b - r).add_(chroma, alpha=2.0), is_g)
     h.addcmul_((r - g).add_(chroma, alpha=4.0), is_b)
-    h.mul_(chroma.clamp(min=1e-12).reciprocal_()).add_(6.0 * factor)  # chroma == 0: h is irrelevant
+    h.mul_(chroma.clamp(min=1e-12).reciprocal_()).add_(6.0 * _per_image(factor, h.dim()))  # chroma == 0: any h
     h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))  # mod 6 on the grid
-    k = h.unsqueeze(0) + _HSV_CHANNEL_OFFSETS
+    k = h.unsqueeze(-3) + (_HSV_CHANNEL_OFFSETS if channel_offsets is None else channel_offsets)
     dist = torch.minimum((k - 2.0).abs_(), k.sub_(8.0).abs_())
     dist.neg_().add_(2.0).clamp_(0.0, 1.0)
-    torch.addcmul(mx, chroma, dist, value=-1.0, out=x)
+    torch.addcmul(mx.unsqueeze(-3), chroma.unsqueeze(-3), dist, value=-1.0, out=x)
 
 
 def _gaussian_kernel1d(kernel_size: int, sigma: float) -> list[float]:
@@ -240,16 +267,36 @@ def _gaussian_kernel1d(kernel_size: int, sigma: float) -> list[float]:
 
 def _gaussian_blur_(x: torch.Tensor, kernel_size: int, sigma: float) -> None:
     """Separable Gaussian blur with reflect padding (= torchvision gaussian_blur on float), written into `x`."""
+    _blur_with_taps_(x, _gaussian_kernel1d(kernel_size, sigma))
+
+
+def _blur_with_taps_(x: torch.Tensor, taps: Sequence[float] | torch.Tensor) -> None:
+    """Separable blur with a symmetric 1-D kernel and reflect padding, written into `x`.
+
+    `taps`: kernel_size floats, or per image a float32 tensor [N, kernel_size] for a batch x [N, 3, H, W]
+    (``addcmul_`` with a tensor tap rounds like ``add_(alpha=)`` with a float one on the CPU).
+    """
     H, W = x.shape[-2:]
-    weights = _gaussian_kernel1d(kernel_size, sigma)
+    if torch.is_tensor(taps):
+        kernel_size = taps.shape[-1]
+        weights: Sequence[Any] = [_per_image(t, x.dim()) for t in taps.unbind(-1)]
+    else:
+        kernel_size, weights = len(taps), taps
+
+    def add_pair_(acc: torch.Tensor, pair: torch.Tensor, w: Any) -> None:
+        if torch.is_tensor(w):
+            acc.addcmul_(pair, w)
+        else:
+            acc.add_(pair, alpha=w)
+
     r = kernel_size // 2
-    padded = F.pad(x, (r, r, r, r), mode="reflect")  # [3, H + 2r, W + 2r]
+    padded = F.pad(x, (r, r, r, r), mode="reflect")  # [..., 3, H + 2r, W + 2r]
     rows = padded[..., r : r + W] * weights[r]  # horizontal pass over all (padded) rows
     for t in range(r):  # symmetric kernel: pair the taps
-        rows.add_(padded[..., t : t + W] + padded[..., kernel_size - 1 - t : kernel_size - 1 - t + W], alpha=weights[t])
+        add_pair_(rows, padded[..., t : t + W] + padded[..., kernel_size - 1 - t : kernel_size - 1 - t + W], weights[t])
     x.copy_(rows[..., r : r + H, :]).mul_(weights[r])
     for t in range(r):
-        x.add_(rows[..., t : t + H, :] + rows[..., kernel_size - 1 - t : kernel_size - 1 - t + H, :], alpha=weights[t])
+        add_pair_(x, rows[..., t : t + H, :] + rows[..., kernel_size - 1 - t : kernel_size - 1 - t + H, :], weights[t])
 
 
 def _solarize_(x: torch.Tensor, threshold: float) -> None:
@@ -267,6 +314,35 @@ class _Photometric:
     grayscale: bool
     blur_sigma: float | None
     solarize: bool
+
+
+def photometric_tensors(params: Sequence[_Photometric], blur_kernel_size: int) -> dict[str, torch.Tensor]:
+    """The draws of n crops as tensors (what a worker emits with ``gpu_augmentation``).
+
+    Returns ``jitter`` bool [n], ``order`` long [n, 4] (op codes of `JITTER_OPS` in application order), ``factors``
+    float32 [n, 4] (brightness, contrast, saturation, hue), ``grayscale`` bool [n], ``blur`` bool [n],
+    ``blur_sigma`` float32 [n] (0 where no blur), ``blur_taps`` float32 [n, blur_kernel_size] (the normalised 1-D
+    kernel the CPU path uses; 0 where no blur), ``solarize`` bool [n].
+    """
+    taps = torch.zeros((len(params), blur_kernel_size), dtype=torch.float32)
+    for row, p in zip(taps, params):
+        if p.blur_sigma is not None:
+            row.copy_(torch.tensor(_gaussian_kernel1d(blur_kernel_size, p.blur_sigma)))
+    return {
+        "blur_taps": taps,
+        "jitter": torch.tensor([p.jitter for p in params], dtype=torch.bool),
+        "order": torch.tensor([list(p.order) for p in params], dtype=torch.long).view(len(params), 4),
+        "factors": torch.tensor([list(p.factors) for p in params], dtype=torch.float32).view(len(params), 4),
+        "grayscale": torch.tensor([p.grayscale for p in params], dtype=torch.bool),
+        "blur": torch.tensor([p.blur_sigma is not None for p in params], dtype=torch.bool),
+        "blur_sigma": torch.tensor([p.blur_sigma or 0.0 for p in params], dtype=torch.float32),
+        "solarize": torch.tensor([p.solarize for p in params], dtype=torch.bool),
+    }
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to the nearest float32."""
+    return float(np.float32(value))
 
 
 def _as_uint8_chw(image: Any) -> torch.Tensor:
@@ -322,6 +398,8 @@ class MultiCropAugmentation:
     Call: ``aug(image, generator_seed=None)`` with a PIL image or a uint8 tensor [3, H, W] ([1, H, W] is broadcast).
     Returns ``{"global_crops": [2 x Tensor[3, G, G]], "global_crops_teacher": (same list),
     "local_crops": [n_local x Tensor[3, L, L]], "offsets": [(row, col)] * n_local or ()}``.
+    With ``config.gpu_augmentation`` the crops are the uint8 crops before colour ops, and ``global_photometric`` /
+    ``local_photometric`` hold their draws (`photometric_tensors`); the draws, and so the random stream, are the same.
     """
 
     n_global_crops = 2
@@ -343,7 +421,7 @@ class MultiCropAugmentation:
             (-c.hue, c.hue),
         )
         self._ops = (_adjust_brightness_, _adjust_contrast_, _adjust_saturation_, _adjust_hue_)
-        self._identity = (1.0, 1.0, 1.0, 0.0)
+        self._identity = IDENTITY_FACTORS
 
     @classmethod
     def from_config(cls, crops: Any, **overrides: Any) -> "MultiCropAugmentation":
@@ -357,7 +435,11 @@ class MultiCropAugmentation:
     def _sample_photometric(
         self, gen: torch.Generator | None, blur_probs: Sequence[float], solarize_probs: Sequence[float], jitter: bool
     ) -> list[_Photometric]:
-        """One parameter set per crop; the number of draws does not depend on the config (stable streams)."""
+        """One parameter set per crop; the number of draws does not depend on the config (stable streams).
+
+        Factors and sigmas are rounded to float32 (the precision the kernels use them at), so the uint8 + parameter
+        tensors of ``gpu_augmentation`` carry exactly the values this path applies.
+        """
         c = self.config
         n = len(blur_probs)
         u = torch.rand((n, 9), generator=gen).tolist()
@@ -365,14 +447,14 @@ class MultiCropAugmentation:
         out = []
         for i in range(n):
             ui = u[i]
-            factors = tuple(lo + (hi - lo) * ui[1 + j] for j, (lo, hi) in enumerate(self._factor_ranges))
+            factors = tuple(_f32(lo + (hi - lo) * ui[1 + j]) for j, (lo, hi) in enumerate(self._factor_ranges))
             out.append(
                 _Photometric(
                     jitter=jitter and ui[0] < c.color_jitter_prob,
                     order=orders[i],
                     factors=factors,  # type: ignore[arg-type]
                     grayscale=jitter and ui[5] < c.grayscale_prob,
-                    blur_sigma=c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * ui[7]
+                    blur_sigma=_f32(c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * ui[7])
                     if ui[6] < blur_probs[i]
                     else None,
                     solarize=ui[8] < solarize_probs[i],
@@ -449,6 +531,16 @@ class MultiCropAugmentation:
         blur_probs = [c.global_crop_1_blur_prob, c.global_crop_2_blur_prob] + [c.local_crops_blur_prob] * n_l
         solarize_probs = [0.0, c.global_crop_2_solarize_prob] + [0.0] * n_l
         params = self._sample_photometric(gen, blur_probs, solarize_probs, jitter=not c.share_color_jitter)
+        if c.gpu_augmentation:  # the same draws, applied later on the accelerator
+            global_crops = list(global_u8.unbind(0))
+            return {
+                "global_crops": global_crops,
+                "global_crops_teacher": global_crops,
+                "local_crops": list(local_u8.unbind(0)) if n_l else [],
+                "offsets": offsets,
+                "global_photometric": photometric_tensors(params[:n_g], c.blur_kernel_size),
+                "local_photometric": photometric_tensors(params[n_g:], c.blur_kernel_size),
+            }
         global_crops = list(self._photometric_(global_u8, params[:n_g]).unbind(0))
         local_crops = list(self._photometric_(local_u8, params[n_g:]).unbind(0)) if n_l else []
         return {

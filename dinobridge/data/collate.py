@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from dinobridge.data.gpu_augmentation import CROP_SETS, collate_photometric
 from dinobridge.data.masking import BlockMaskGenerator, Rng, as_numpy_rng
 
 
@@ -94,23 +95,28 @@ def collate_multicrop(
 
     Args:
         samples: B dicts with ``global_crops`` (n_g tensors [3, H, W]) and ``local_crops`` (n_l tensors [3, h, w]),
-            optionally ``offsets`` (n_l (row, col) pairs); (dict, target) pairs are accepted too.
+            optionally ``offsets`` (n_l (row, col) pairs) and, from ``crops.gpu_augmentation``,
+            ``global_photometric`` / ``local_photometric`` (draws of uint8 crops); (dict, target) pairs are accepted.
         mask_generator: block mask generator on the global-crop patch grid (N = grid h * w tokens).
         rng: numpy or torch generator; the only source of randomness.
-        dtype: cast of the crops (e.g. torch.bfloat16); None keeps the augmentation's dtype.
+        dtype: cast of the crops (e.g. torch.bfloat16); None keeps the augmentation's dtype. Not applied to uint8
+            crops awaiting device augmentation (`DeviceAugmentation` casts them after normalising).
 
     Returns dict:
         global_crops [n_g*B, 3, H, W], local_crops [n_l*B, 3, h, w] (crop-major: index = crop_idx * B + sample_idx);
         masks bool [n_g*B, N]; mask_indices long [M] (flat indices of True in masks.flatten());
         masks_weight float32 [M] (1 / #masked patches of the image each masked patch belongs to);
         n_masked_patches long [1] (= M); upperbound int (sum of the target counts);
-        offsets long [n_l*B, 2] (crop-major) only when the samples carry non-empty ``offsets``.
+        offsets long [n_l*B, 2] (crop-major) only when the samples carry non-empty ``offsets``;
+        global_photometric / local_photometric (crop-major draws + plan, `collate_photometric`) when the samples
+        carry them.
     """
     if len(samples) == 0:
         raise ValueError("samples: expected at least one sample, got an empty batch")
     dicts = [_unwrap(s) for s in samples]
-    global_crops = _stack_crop_major(dicts, "global_crops", dtype)
-    local_crops = _stack_crop_major(dicts, "local_crops", dtype)
+    deferred = "global_photometric" in dicts[0]  # uint8 crops, colour ops on the device later
+    global_crops = _stack_crop_major(dicts, "global_crops", None if deferred else dtype)
+    local_crops = _stack_crop_major(dicts, "local_crops", None if deferred else dtype)
 
     rng = as_numpy_rng(rng)
     n_images = global_crops.shape[0]
@@ -140,6 +146,12 @@ def collate_multicrop(
         out["offsets"] = torch.tensor(
             [list(d["offsets"][c]) for c in range(n_l) for d in dicts], dtype=torch.long
         ).view(n_l * len(dicts), 2)
+    if deferred:
+        for crop_set in CROP_SETS:
+            key = f"{crop_set}_photometric"
+            if not all(key in d for d in dicts):
+                raise ValueError(f"samples: expected '{key}' in every sample (crops.gpu_augmentation), some lack it")
+            out[key] = collate_photometric([d[key] for d in dicts])
     return out
 
 

@@ -240,7 +240,10 @@ def loader_kwargs_from_cfg(cfg: Any) -> dict[str, Any]:
 
 
 def multicrop_config(cfg: Any) -> Any:
-    """The augmentation settings of a run: every `crops.*` key that `MultiCropConfig` has, plus the patch size."""
+    """The augmentation settings of a run: every `crops.*` key that `MultiCropConfig` has, plus the patch size.
+
+    With ``crops.gpu_augmentation`` the batches carry uint8 crops until ``DeviceAugmentation(config)`` (see
+    dinobridge.data.gpu_augmentation) runs on them on the device."""
     from dataclasses import fields
 
     from dinobridge.data.augmentation import MultiCropConfig
@@ -249,3 +252,39 @@ def multicrop_config(cfg: Any) -> Any:
     kwargs = {f.name: crops[f.name] for f in fields(MultiCropConfig) if f.name in crops and crops[f.name] is not None}
     kwargs["patch_size"] = int(cfg.student.patch_size)
     return MultiCropConfig(**kwargs)
+
+
+@dataclass
+class TrainingData:
+    """The data path of a training run: ``batch = device_augment(to_device(next(iter(loader))))``.
+
+    loader: the endless `TrainLoader` (decode, crops and, without ``crops.gpu_augmentation``, the photometric
+    augmentation in the workers; iBOT masks in the collator); device_augment: the device half of the augmentation
+    (`DeviceAugmentation`; a no-op unless ``crops.gpu_augmentation``)."""
+
+    loader: TrainLoader
+    device_augment: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def build_training_data(
+    cfg: Any, dataset: Any, rank: int = 0, world_size: int = 1, start_iter: int = 0, pin_memory: bool = False
+) -> TrainingData:
+    """The loader and device augmentation a training run (and the training benchmark) uses, from `cfg`."""
+    from dinobridge.data.augmentation import MultiCropAugmentation
+    from dinobridge.data.collate import MultiCropCollator
+    from dinobridge.data.gpu_augmentation import DeviceAugmentation
+
+    augment = MultiCropAugmentation(multicrop_config(cfg))
+    collate = MultiCropCollator.for_crops(
+        int(cfg.crops.global_crops_size), int(cfg.student.patch_size),
+        mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_sample_probability=float(cfg.ibot.mask_sample_probability),
+        mask_random_circular_shift=bool(cfg.ibot.mask_random_circular_shift),
+        seed=int(cfg.train.seed), rank=rank,
+    )  # fmt: skip
+    loader = build_train_loader(
+        dataset, augment, collate, batch_size=int(cfg.train.batch_size_per_gpu), rank=rank, world_size=world_size,
+        seed=int(cfg.train.seed), start_iter=start_iter, num_workers=int(cfg.train.num_workers),
+        pin_memory=pin_memory,
+    )  # fmt: skip
+    return TrainingData(loader, DeviceAugmentation(augment.config))

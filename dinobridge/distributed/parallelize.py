@@ -10,10 +10,11 @@
    Gram teacher, in place (`module.compile()`, names unchanged). Heads are not compiled: the iBOT head sees a
    different number of masked patches every step (one recompilation per count).
 3. FSDP2 `fully_shard` over a 1-D "dp" mesh of the default group: every transformer block, then the backbone root,
-   then each head, for the student, the teacher and the Gram teacher, with
+   then each head (and any other student/teacher submodule with parameters), for the student, the teacher and the
+   Gram teacher, with
    `MixedPrecisionPolicy(param_dtype, reduce_dtype)` from `compute_precision.*` and explicit prefetch
    (forward: block i -> i+1, backward: block i -> i-1). FSDP averages the gradients over ranks (reduce-scatter),
-   so the train loop must not all-reduce them again: see `fsdp_enabled`.
+   so the train step all-reduces only the gradients of parameters left replicated (plain tensors, not DTensors).
 
 `compute_precision.sharding_strategy` -> student `reshard_after_forward`:
   FULL_SHARD    True: parameters are freed after each block's forward and gathered again in backward (ZeRO-3).
@@ -242,15 +243,19 @@ def parallelize_meta_arch(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
 
-    # student: blocks reshard per the strategy; roots keep FSDP's default (gathered until their backward)
+    # student: blocks reshard per the strategy; roots keep FSDP's default (gathered until their backward). Heads and
+    # any other submodule with parameters (e.g. the add-on bridge) are one FSDP unit each, so no student parameter
+    # stays replicated with an unreduced gradient.
     student_reshard = STRATEGIES[strategy]
     _shard_backbone(model.student.backbone, shard, student_reshard, None if student_reshard else False, register)
-    for name in ("dino_head", "ibot_head"):
-        shard(model.student[name], reshard_after_forward=None if student_reshard else False)
+    for name, sub in model.student.items():
+        if name != "backbone" and any(True for _ in sub.parameters()):
+            shard(sub, reshard_after_forward=None if student_reshard else False)
     # teacher and Gram teacher: forward only -> always free the gathered parameters after forward, roots too
     _shard_backbone(model.teacher.backbone, shard, True, True, register)
-    for name in ("dino_head", "ibot_head"):
-        shard(model.teacher[name], reshard_after_forward=True)
+    for name, sub in model.teacher.items():
+        if name != "backbone" and any(True for _ in sub.parameters()):
+            shard(sub, reshard_after_forward=True)
     if gram is not None:
         _shard_backbone(gram, shard, True, True, register)
     log.info("FSDP2: %d ranks, %s, param_dtype=%s, reduce_dtype=%s", dist.get_world_size(group), strategy,

@@ -47,6 +47,7 @@ class ClsAvgpool(nn.Module):
         if not callable(getattr(backbone, "forward_features", None)):
             raise ValueError(f"model: expected a backbone with forward_features(x), got {type(backbone).__name__}")
         self.backbone = backbone
+        self.training = backbone.training  # so that extract_features restores the backbone's own mode
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.backbone.forward_features(x)

@@ -26,6 +26,12 @@ class SSLStep:
       teacher_global:   teacher backbone dict for the global crops (no grad)
       dino_targets:     [n_g,B,K] balanced teacher probabilities;  ibot_targets: [M,K]
       teacher_temp, iteration, epoch: schedule position
+      views:            outputs of the add-ons' extra student views, {add-on name: dict}:
+                        "request" (its ViewRequest), "out" (student backbone dict of the view rows), "dino" [n,K]
+                        student DINO logits of the view CLS (or None), "ibot" [m,K] student iBOT logits of the
+                        requested view patches (or None), "ibot_targets" [m',K] read-only balanced teacher targets
+                        of the requested teacher patches (or None); add-ons may add their own entries
+      terms:            detached logged terms of the objectives that already ran this step (in registration order)
     """
 
     batch: dict[str, Any]
@@ -44,6 +50,8 @@ class SSLStep:
     iteration: int
     epoch: float
     extras: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Objective(nn.Module):

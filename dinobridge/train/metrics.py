@@ -1,4 +1,4 @@
-"""Training logs: a tqdm bar (rank 0), tensorboard scalars and `metrics.jsonl`, plus step timing.
+"""Training logs: a tqdm bar (rank 0), tensorboard scalars and images, `metrics.jsonl`, plus step timing.
 
 Everything is written by rank 0 only. Scalars are averaged over ranks before logging by the caller.
 """
@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
 
@@ -75,6 +77,30 @@ class MetricLogger:
                 if v is not None and math.isfinite(v):
                     self.writer.add_scalar(k, v, iteration)
         self.jsonl.write(json.dumps({"iteration": iteration, **clean}) + "\n")
+
+    @property
+    def images_enabled(self) -> bool:
+        """True when `add_images` writes anything (rank 0 with tensorboard on)."""
+        return self.writer is not None
+
+    def add_images(self, iteration: int, tag: str, images: Tensor) -> bool:
+        """Write pictures under `tag` at `iteration` to tensorboard; False (nothing written) when it is off.
+
+        images: one picture [3, H, W] or several [N, 3, H, W] (shown side by side by tensorboard); uint8 in 0..255 or
+        floating point in [0, 1] (clamped).
+        """
+        if not self.images_enabled:
+            return False
+        if not isinstance(images, Tensor) or images.dim() not in (3, 4) or images.shape[-3] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a tensor [3, H, W] or [N, 3, H, W], got {shape}")
+        x = images.detach().cpu()
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float().clamp(0.0, 1.0)
+        if x.dim() == 3:
+            self.writer.add_image(tag, x, iteration, dataformats="CHW")
+        else:
+            self.writer.add_images(tag, x, iteration, dataformats="NCHW")
+        return True
 
     def progress(self, n: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
