@@ -40,7 +40,7 @@ import torch
 from dinobridge.config import build_config
 from dinobridge.data.augmentation import MultiCropAugmentation
 from dinobridge.data.collate import MultiCropCollator
-from dinobridge.data.loader import build_training_data, multicrop_config
+from dinobridge.data.loader import DevicePrefetcher, batch_to_device, build_training_data, multicrop_config
 from dinobridge.distributed.device import select_device
 from dinobridge.distributed.setup import init_distributed, seed_everything
 from dinobridge.train.flops import peak_flops, step_flops_from_config
@@ -64,16 +64,6 @@ def _synthetic_batch(cfg: Any, seed: int = 0) -> dict[str, Any]:
         mask_sample_probability=float(cfg.ibot.mask_sample_probability),
         mask_random_circular_shift=bool(cfg.ibot.mask_random_circular_shift), seed=seed)
     return collate(samples, batch_index=0)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            out[k] = v.to(device, non_blocking=True)
-        else:
-            out[k] = v
-    return out
 
 
 def _sync(device: Any) -> None:
@@ -103,8 +93,7 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         lambda mod, inp: seen.append(inp[0].shape[0] if inp[0].shape[-1] == G else 0))
 
     if args.data == "synthetic":
-        fixed = _to_device(_synthetic_batch(cfg), device.device)
-        device_augment = None
+        fixed = batch_to_device(_synthetic_batch(cfg), device.device)
 
         def next_batch() -> dict[str, Any]:
             return fixed
@@ -113,12 +102,12 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
 
         data = build_training_data(cfg, build_train_dataset(cfg), distinfo.rank, distinfo.world_size,
                                    pin_memory=device.type == "cuda")
-        data_iter = iter(data.loader)
-        device_augment = data.device_augment
+        prefetch = DevicePrefetcher(iter(data.loader), device.device, data.device_augment)  # as the train loop
 
         def next_batch() -> dict[str, Any]:
-            batch = next(data_iter)
-            return _to_device({k: v for k, v in batch.items() if k != "data_skipped"}, device.device)
+            batch = next(prefetch)
+            batch.pop("data_skipped", None)
+            return batch
 
     times, waits = [], []
     n_total = args.warmup + args.steps
@@ -127,8 +116,6 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         t0 = time.perf_counter()
         batch = next_batch()
         t1 = time.perf_counter()
-        if device_augment is not None:
-            batch = device_augment(batch)
         result = training.step(batch, it)
         _sync(device.device)
         t2 = time.perf_counter()

@@ -175,3 +175,33 @@ def test_worker_data_error_is_one_line(tmp_path):
 def test_loader_kwargs_from_cfg():
     cfg = {"train": {"batch_size_per_gpu": 64, "seed": 3, "num_workers": 4, "reshuffle_sampler_perm": False}}
     assert loader_kwargs_from_cfg(cfg) == {"batch_size": 64, "seed": 3, "num_workers": 4, "reshuffle_each_epoch": False}
+
+
+def test_device_prefetcher_yields_the_batches_in_order_and_transformed():
+    from dinobridge.data.loader import DevicePrefetcher
+
+    batches = [{"x": torch.full((2,), float(i)), "n": i} for i in range(4)]
+    seen = []
+
+    def transform(b):
+        seen.append(b["n"])
+        return {**b, "x": b["x"] * 10}
+
+    pre = DevicePrefetcher(iter(batches), torch.device("cpu"), transform)
+    out = [next(pre) for _ in range(4)]
+    assert [b["n"] for b in out] == [0, 1, 2, 3]
+    assert all(torch.equal(b["x"], torch.full((2,), 10.0 * i)) for i, b in enumerate(out))
+    assert seen == [0, 1, 2, 3]  # no read-ahead without a CUDA stream
+    with pytest.raises(StopIteration):
+        next(pre)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (side-stream prefetch)")
+def test_device_prefetcher_on_cuda_reads_one_batch_ahead():
+    from dinobridge.data.loader import DevicePrefetcher
+
+    batches = [{"x": torch.full((1024,), float(i)).pin_memory()} for i in range(3)]
+    pre = DevicePrefetcher(iter(batches), torch.device("cuda"))
+    first = next(pre)
+    assert first["x"].is_cuda and first["x"][0].item() == 0.0
+    assert pre._ahead is not None and pre._ahead["x"][0].item() == 1.0

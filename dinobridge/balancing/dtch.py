@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dinobridge.balancing.base import Balancer, all_reduce, register_balancer
+from dinobridge.balancing.sinkhorn import exp_shifted, sinkhorn_scale
 from dinobridge.distributed.comm import world_size
 
 __all__ = ["DTCHSinkhorn", "build_dtch_balancer", "HISTORY_MODES"]
@@ -106,7 +107,7 @@ class DTCHSinkhorn(Balancer):
         if teacher_temp <= 0:
             raise ValueError(f"DTCHSinkhorn: teacher_temp must be > 0, got {teacher_temp}")
         z, b_tot = self._soft_logits(teacher_logits, float(teacher_temp), n_samples)
-        probs = self._balance(z, b_tot)
+        probs = self._balance(teacher_logits.detach().float(), float(teacher_temp), b_tot)
         if update:
             self.push(self._demand(z), b_tot)
         return probs
@@ -118,28 +119,14 @@ class DTCHSinkhorn(Balancer):
         z = logits.detach().float() / (self.soft_scale * teacher_temp)
         return z, self.global_count(z.shape[0], n_samples, z.device)
 
-    def _balance(self, z: Tensor, b_tot: Tensor) -> Tensor:
-        """Sinkhorn-Knopp over the global batch + history pseudo-column; z [n, K] soft logits -> q [n, K]."""
-        n, k = z.shape
-        m = z.max() if n > 0 else z.new_tensor(float("-inf"))
-        m = all_reduce(m.clone(), "max", self.group)
-        q = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m))).t()  # [K, n]
-        q /= all_reduce(q.sum(), "sum", self.group).clamp_min(_TINY)
-
+    def _balance(self, logits: Tensor, teacher_temp: float, b_tot: Tensor) -> Tensor:
+        """Sinkhorn-Knopp over the global batch + history pseudo-column; logits [n, K] fp32 -> q [n, K]."""
         h_mass = (self.hist_weight * self.n_hist) / b_tot  # H / B: pseudo-column mass (current batch mass = 1)
         hcol = h_mass * self.hist / self.n_hist.clamp_min(_TINY)  # [K]; zero with an empty history
-        k_per_window = k / (1.0 + h_mass)  # row target is (1 + H/B) / K; H = 0 -> exactly K as in plain SK
-        for _ in range(self.n_iterations):
-            rows = all_reduce(q.sum(dim=1, keepdim=True), "sum", self.group) + hcol[:, None]  # hcol added once
-            rows = rows.clamp_min(_TINY)
-            q /= rows
-            q /= k_per_window
-            hcol = hcol / rows[:, 0] / k_per_window
-            q /= q.sum(dim=0, keepdim=True).clamp_min(_TINY)
-            q /= b_tot
-            hcol = hcol * (h_mass / hcol.sum().clamp_min(_TINY))
-        q *= b_tot
-        q = q.t()
+        # z = logits / (s τ) was computed for the demand; E is rebuilt from the logits exactly as plain SK does, so
+        # an empty history (or hist_weight 0) gives targets bit-identical to SinkhornKnopp's
+        e = exp_shifted(logits, self.soft_scale * teacher_temp, self.group)
+        q = sinkhorn_scale(e, b_tot, self.n_iterations, self.group, hist_col=hcol, hist_mass=h_mass)
         if self.power != 1.0:  # sharpening: softmax(p · log q_bal); with p = s this is softmax(L/τ + s·log u)
             q = torch.softmax(self.power * torch.log(q.clamp_min(_TINY)), dim=-1)
         return q.contiguous()

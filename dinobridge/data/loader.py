@@ -254,6 +254,57 @@ def multicrop_config(cfg: Any) -> Any:
     return MultiCropConfig(**kwargs)
 
 
+def batch_to_device(batch: dict[str, Any], device: torch.device, non_blocking: bool = False) -> dict[str, Any]:
+    """The batch with its top-level tensors on `device` (other values as they are)."""
+    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class DevicePrefetcher:
+    """Batches already on the training device: ``next()`` returns batch k and starts moving batch k+1 (and its
+    device-side augmentation) on a side CUDA stream, so the host-to-device copy overlaps step k's compute.
+
+    batches: an iterator of CPU batches (pinned memory makes the copies asynchronous); transform: applied on the
+    device after the copy (e.g. `DeviceAugmentation`). On devices other than CUDA the copy is synchronous and
+    nothing is read ahead. ``last_wait_s`` is the time the last ``next()`` waited for the loader.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, Any]], device: torch.device,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.batches, self.device, self.transform = batches, torch.device(device), transform
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._ahead: dict[str, Any] | None = None
+        self.last_wait_s = 0.0
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def _load(self) -> dict[str, Any]:
+        import time
+
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.last_wait_s += time.perf_counter() - t0
+        if self.stream is None:
+            batch = batch_to_device(batch, self.device)
+            return self.transform(batch) if self.transform is not None else batch
+        with torch.cuda.stream(self.stream):
+            batch = batch_to_device(batch, self.device, non_blocking=True)
+            return self.transform(batch) if self.transform is not None else batch
+
+    def __next__(self) -> dict[str, Any]:
+        self.last_wait_s = 0.0
+        batch = self._ahead if self._ahead is not None else self._load()
+        self._ahead = None
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for v in batch.values():
+                if torch.is_tensor(v) and v.device.type == "cuda":
+                    v.record_stream(current)  # allocated on the side stream, used on the compute stream
+            self._ahead = self._load()  # batch k+1 travels while step k computes
+        return batch
+
+
 @dataclass
 class TrainingData:
     """The data path of a training run: ``batch = device_augment(to_device(next(iter(loader))))``.

@@ -212,7 +212,9 @@ def _residual(x: Tensor, branch: Callable[[Tensor, Optional[Tensor]], Tensor], d
     b = x.shape[0]
     keep = max(int(b * (1 - drop_rate)), 1)
     idx = torch.randperm(b, device=x.device)[:keep]
-    return torch.index_add(x, 0, idx, branch(x[idx], idx).to(x.dtype), alpha=b / keep)
+    # the scale multiplies the branch output rather than going in as index_add's `alpha`: with dynamic shapes
+    # under torch.compile, a symbolic alpha trips a guard in index_add's decomposition
+    return torch.index_add(x, 0, idx, branch(x[idx], idx).to(x.dtype) * (b / keep))
 
 
 class SelfAttentionBlock(nn.Module):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dinobridge.config import save_config
 from dinobridge.data.datasets import build_train_dataset
-from dinobridge.data.loader import build_training_data
+from dinobridge.data.loader import DevicePrefetcher, build_training_data
 from dinobridge.distributed.device import select_device
 from dinobridge.distributed.parallelize import fsdp_enabled
 from dinobridge.distributed.setup import cleanup_distributed, init_distributed, seed_everything, set_deterministic
@@ -45,11 +45,6 @@ def _check_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"train.output_dir: cannot write to {path} ({e.strerror or e})") from None
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    nb = device.type == "cuda"
-    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -137,13 +132,12 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
     online_eval = OnlineEvaluator(cfg, device, is_main)
     bad_steps, last, skipped, held = 0, {}, 0, None
     it = start_iter
-    data_iter = iter(data.loader)
+    data_iter = DevicePrefetcher(iter(data.loader), device.device, data.device_augment)  # batches on the device
     try:
         while it < max_iter:
             batch = next(data_iter)
             timer.data_ready()
             skipped += int(batch.pop("data_skipped", 0) or 0)
-            batch = data.device_augment(_to_device(batch, device.device))  # photometric ops, if on the device
             if held is None:  # a fixed batch for RankMe of the teacher's CLS embeddings
                 held = batch["global_crops"][: 2 * B]
             log_step = (it + 1) % log_period == 0 or it + 1 == max_iter
