@@ -129,7 +129,15 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, full: bool = False) ->
 
 # ---------------------------------------------------------------------------------------------- 2. compile
 def compile_blocks(backbone: nn.Module) -> None:
-    """`torch.compile` each transformer block in place (names and state-dict keys unchanged)."""
+    """`torch.compile` each transformer block in place (names and state-dict keys unchanged).
+
+    As the official code, shapes are static: every crop-size / batch combination compiles once
+    (`automatic_dynamic_shapes=False`; cache limits raised so that the few combinations of a run all fit)."""
+    import torch._dynamo
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for blk in backbone.blocks:
         blk.compile()
 

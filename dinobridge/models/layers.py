@@ -287,5 +287,5 @@ class SelfAttentionBlock(nn.Module):
             if subsets is None:
                 result.append(xi + oi)
             else:
-                result.append(torch.index_add(xi, 0, subsets[i], oi.to(xi.dtype), alpha=xi.shape[0] / oi.shape[0]))
+                result.append(torch.index_add(xi, 0, subsets[i], oi.to(xi.dtype) * (xi.shape[0] / oi.shape[0])))
         return result
