@@ -320,9 +320,9 @@ def test_presets_listed_and_mirrored():
     assert cpu.student.arch == "vit_pico" and cpu.train.dataset_path == "builtin:shapes" and not cpu.train.compile
     mirror = REPO / "configs"
     if mirror.is_dir():
-        ours = {p.name: p.read_bytes() for p in PACKAGE_CONFIG_DIR.glob("*.yaml")}
-        theirs = {p.name: p.read_bytes() for p in mirror.glob("*.yaml")}
-        assert ours == theirs, "configs/ differs from dinobridge/configs/: cp dinobridge/configs/*.yaml configs/"
+        ours = {str(p.relative_to(PACKAGE_CONFIG_DIR)): p.read_bytes() for p in PACKAGE_CONFIG_DIR.rglob("*.yaml")}
+        theirs = {str(p.relative_to(mirror)): p.read_bytes() for p in mirror.rglob("*.yaml")}
+        assert ours == theirs, "configs/ differs from dinobridge/configs/: cp -r dinobridge/configs/. configs/"
 
 
 # ------------------------------------------------------------------------------------------------ launch

@@ -11,6 +11,7 @@ every rank runs the same calls (collectives), only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -231,7 +232,10 @@ def _final_knn(cfg: Any, backbone: torch.nn.Module, device: Any, out: Path) -> d
         init = build_backbone(cfg.student, teacher=True)
         load_pretrained(init, init_path)
     trained = SimpleNamespace(teacher=SimpleNamespace(backbone=backbone))  # knn_report reads model.teacher.backbone
-    return knn_report(cfg, trained, device, init_backbone=init)
+    results = knn_report(cfg, trained, device, init_backbone=init)
+    if results:  # {"trained": {k: top-1 %}, "init": {...}} for sweeps and tables (benchmarks/ablation_table.py)
+        (out / "knn.json").write_text(json.dumps({name: {str(k): v for k, v in r.items()} for name, r in results.items()}))
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> int:
