@@ -87,3 +87,13 @@ def test_config_errors_and_dtypes():
         parallelize_meta_arch(_build(_cfg()), cfg, select_device("cpu"), 1)
     with pytest.raises(ValueError, match="no process group"):
         parallelize_meta_arch(_build(_cfg()), _cfg(), select_device("cpu"), 2)
+
+
+def test_cudagraphs_are_skipped_with_a_reason_where_unsafe(caplog):
+    """train.cudagraphs needs CUDA, compile and no activation checkpointing; elsewhere one log line says why."""
+    import logging
+
+    cfg = _cfg(["train.cudagraphs=true", "train.compile=true"])
+    with caplog.at_level(logging.INFO, logger="dinobridge"):
+        parallelize_meta_arch(_build(cfg), cfg, select_device("cpu"), 1)
+    assert "CUDA graphs are skipped (cpu is not CUDA)" in caplog.text

@@ -153,9 +153,10 @@ class TrainConfig:
       where unsupported). cache_dataset: official sampler switch (true -> sharded infinite sampler).
     reshuffle_sampler_perm (user's key): draw a new permutation of the dataset at every pass (true, the official
       behaviour) or reuse the first one (false).
-    U (accepted, unused): data_config, saveckp_freq, monitor_gradient_norm, chunk_schedule, use_teacher_head,
-      learn_from_teacher_tokens, cudagraphs (unless the trainer supports it), sharded_eval_checkpoint,
-      cell_augmentation, cell_augmentation_type.
+    cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped
+      with a log line otherwise). saveckp_freq: keep a checkpoint every that many epochs.
+    U (accepted, unused): data_config, monitor_gradient_norm, chunk_schedule, use_teacher_head,
+      learn_from_teacher_tokens, sharded_eval_checkpoint, cell_augmentation, cell_augmentation_type.
     Ours: max_iter (null = optim.epochs * OFFICIAL_EPOCH_LENGTH; when set, training stops there but schedules keep
       their length), log_period (iterations between log lines), tensorboard, deterministic (deterministic kernels),
       nan_max_consecutive (abort after this many consecutive non-finite losses; each one skips its step),

@@ -128,18 +128,24 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, full: bool = False) ->
 
 
 # ---------------------------------------------------------------------------------------------- 2. compile
-def compile_blocks(backbone: nn.Module) -> None:
+def compile_blocks(backbone: nn.Module, cudagraphs: bool = False) -> None:
     """`torch.compile` each transformer block in place (names and state-dict keys unchanged).
 
     As the official code, shapes are static: every crop-size / batch combination compiles once
-    (`automatic_dynamic_shapes=False`; cache limits raised so that the few combinations of a run all fit)."""
+    (`automatic_dynamic_shapes=False`; cache limits raised so that the few combinations of a run all fit).
+    cudagraphs: as the official `train.cudagraphs`, `fullgraph=True, dynamic=False` with inductor CUDA graphs
+    (inductor itself leaves out the parts it cannot capture); the step must call
+    `torch.compiler.cudagraph_mark_step_begin()` (`train_step` does)."""
     import torch._dynamo
 
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for blk in backbone.blocks:
-        blk.compile()
+        if cudagraphs:
+            blk.compile(fullgraph=True, dynamic=False, options={"triton.cudagraphs": True})
+        else:
+            blk.compile()
 
 
 # ---------------------------------------------------------------------------------------------- 3. FSDP2
@@ -215,10 +221,20 @@ def parallelize_meta_arch(
     gram = getattr(model, "gram_teacher", None)
     if gram is not None:
         backbones.append(gram)
+    sharded = (world_size > 1 or force_fsdp) and has_group and strategy != "NO_SHARD"
+    cudagraphs = bool(train.get("cudagraphs", False))
+    if cudagraphs:
+        why = ("train.compile is off" if not train.get("compile", False) else
+               f"{device.type} is not CUDA" if device.type != "cuda" else
+               "FSDP2 hooks cannot be captured" if sharded else
+               "activation checkpointing is on" if train.get("checkpointing", False) else "")
+        if why:
+            log.info("train.cudagraphs=true: CUDA graphs are skipped (%s)", why)
+            cudagraphs = False
     if bool(train.get("compile", False)):
         if device.compile_default:
             for bb in backbones:
-                compile_blocks(bb)
+                compile_blocks(bb, cudagraphs=cudagraphs)
         else:
             log.info("train.compile=true: torch.compile is skipped on %s", device.type)
 

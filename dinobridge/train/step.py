@@ -92,6 +92,7 @@ def train_step(
     monitors: bool = False,
     params: Optional[list[nn.Parameter]] = None,
     group: Optional[Any] = None,
+    cudagraphs: bool = False,
 ) -> StepResult:
     """One training iteration of `model` (an `SSLMetaArch`, possibly FSDP2-sharded) on this rank's `batch`.
 
@@ -100,11 +101,13 @@ def train_step(
     (0/None: no clipping, no norms); monitors: also compute the target statistics (logging steps); params: the
     trainable student parameters that are replicated, whose gradients are all-reduced here (default:
     `replicated_params(model.student)`: all of them without FSDP, none when fully sharded); group: the
-    data-parallel group (default: the default group).
+    data-parallel group (default: the default group); cudagraphs: the blocks run as CUDA graphs (`train.cudagraphs`).
     Collective on every rank of a distributed run.
     """
     apply_schedule(optimizer, sched.lr, sched.wd, sched.last_layer_lr)
     optimizer.zero_grad(set_to_none=True)
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs of the last one may be reused
     with autocast if autocast is not None else contextlib.nullcontext():
         loss, terms = model(batch, teacher_temp=sched.teacher_temp, iteration=it, epoch=epoch, extras=extras or {},
                             monitors=monitors)
@@ -146,12 +149,13 @@ class Training:
     autocast: ContextManager
     clip_grad: Optional[float]
     replicated: list[nn.Parameter] = field(default_factory=list)
+    cudagraphs: bool = False
 
     def step(self, batch: dict[str, Any], it: int, monitors: bool = False) -> StepResult:
         return train_step(
             self.model, self.optimizer, batch, self.schedules.at(it), it, epoch=it / self.epoch_len,
             extras=self.schedules.extras(it), autocast=self.autocast, clip_grad=self.clip_grad, monitors=monitors,
-            params=self.replicated,
+            params=self.replicated, cudagraphs=self.cudagraphs,
         )
 
 
@@ -185,4 +189,6 @@ def build_training(cfg: Any, device: Any, distinfo: Any, *, force_fsdp: bool = F
         global_batch=global_batch, fsdp=fsdp_enabled(model), autocast=device.autocast(enabled=mixed),
         clip_grad=None if clip is None else float(clip),
         replicated=replicated_params(model.student),
+        cudagraphs=bool(cfg.train.get("cudagraphs", False)) and bool(cfg.train.get("compile", False))
+        and device.type == "cuda",
     )
