@@ -106,25 +106,25 @@ class DTCHSinkhorn(Balancer):
     ) -> Tensor:
         if teacher_temp <= 0:
             raise ValueError(f"DTCHSinkhorn: teacher_temp must be > 0, got {teacher_temp}")
-        z, b_tot = self._soft_logits(teacher_logits, float(teacher_temp), n_samples)
-        probs = self._balance(teacher_logits.detach().float(), float(teacher_temp), b_tot)
-        if update:
-            self.push(self._demand(z), b_tot)
+        logits = self._checked(teacher_logits)
+        b_tot = self.global_count(logits.shape[0], n_samples, logits.device)
+        probs = self._balance(logits, float(teacher_temp), b_tot)
+        if update:  # read-only calls (PatchRoll's patch targets) skip the soft demand and its [n, K] softmax
+            self.push(self._demand(logits / (self.soft_scale * float(teacher_temp))), b_tot)
         return probs
 
-    def _soft_logits(self, logits: Tensor, teacher_temp: float, n_samples: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _checked(self, logits: Tensor) -> Tensor:
         if logits.ndim != 2 or logits.shape[1] != self.n_prototypes:
             raise ValueError(
                 f"DTCHSinkhorn: teacher_logits must be [n, {self.n_prototypes}], got shape {tuple(logits.shape)}")
-        z = logits.detach().float() / (self.soft_scale * teacher_temp)
-        return z, self.global_count(z.shape[0], n_samples, z.device)
+        return logits.detach().float()
 
     def _balance(self, logits: Tensor, teacher_temp: float, b_tot: Tensor) -> Tensor:
         """Sinkhorn-Knopp over the global batch + history pseudo-column; logits [n, K] fp32 -> q [n, K]."""
         h_mass = (self.hist_weight * self.n_hist) / b_tot  # H / B: pseudo-column mass (current batch mass = 1)
         hcol = h_mass * self.hist / self.n_hist.clamp_min(_TINY)  # [K]; zero with an empty history
-        # z = logits / (s τ) was computed for the demand; E is rebuilt from the logits exactly as plain SK does, so
-        # an empty history (or hist_weight 0) gives targets bit-identical to SinkhornKnopp's
+        # E is built from the logits exactly as plain SK builds it, so an empty history (or hist_weight 0) gives
+        # targets bit-identical to SinkhornKnopp's
         e = exp_shifted(logits, self.soft_scale * teacher_temp, self.group)
         q = sinkhorn_scale(e, b_tot, self.n_iterations, self.group, hist_col=hcol, hist_mass=h_mass)
         if self.power != 1.0:  # sharpening: softmax(p · log q_bal); with p = s this is softmax(L/τ + s·log u)
@@ -147,8 +147,9 @@ class DTCHSinkhorn(Balancer):
         """Push this batch's soft demand into the history without computing targets (collective)."""
         if teacher_temp is None or teacher_temp <= 0:
             raise ValueError(f"DTCHSinkhorn.update: teacher_temp must be a temperature > 0, got {teacher_temp}")
-        z, b_tot = self._soft_logits(teacher_logits, float(teacher_temp), n_samples)
-        self.push(self._demand(z), b_tot)
+        logits = self._checked(teacher_logits)
+        b_tot = self.global_count(logits.shape[0], n_samples, logits.device)
+        self.push(self._demand(logits / (self.soft_scale * float(teacher_temp))), b_tot)
 
     @torch.no_grad()
     def push(self, demand: Tensor, count: Tensor) -> None:
