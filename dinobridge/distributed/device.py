@@ -337,16 +337,17 @@ def _detect(probe: DeviceProbe) -> str:
     return "cpu"
 
 
-def _env_local_rank(env: Mapping[str, str]) -> Optional[int]:
-    raw = env.get("LOCAL_RANK")
-    if raw is None or raw == "":
+def env_int(env: Mapping[str, str], key: str) -> Optional[int]:
+    """The non-negative integer in environment variable `key` (None when unset or empty); a UserError otherwise."""
+    raw = env.get(key)
+    if raw is None or raw.strip() == "":
         return None
     try:
         value = int(raw)
     except ValueError:
-        raise UserError(f"LOCAL_RANK: expected a non-negative integer, got {raw!r}") from None
+        raise UserError(f"{key}: expected an integer, got {raw!r}") from None
     if value < 0:
-        raise UserError(f"LOCAL_RANK: expected a non-negative integer, got {raw!r}")
+        raise UserError(f"{key}: expected a non-negative integer, got {raw!r}")
     return value
 
 
@@ -391,7 +392,7 @@ def select_device(
         chosen, reason = detected, f"{kind} requested but not available; using detected {detected}"
         logger.warning("device %r requested but not available on this machine; using detected %r", kind, detected)
 
-    env_rank = _env_local_rank(env)
+    env_rank = env_int(env, "LOCAL_RANK")
     if local_rank is not None and local_rank < 0:
         raise UserError(f"local_rank: expected a non-negative integer, got {local_rank}")
     index = local_rank if local_rank is not None else env_rank

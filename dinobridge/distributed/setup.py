@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dinobridge.distributed.device import DeviceInfo
+from dinobridge.distributed.device import DeviceInfo, env_int
 from dinobridge.errors import UserError
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "seed_everything", "set_deterministic"]
@@ -44,28 +44,15 @@ class DistInfo:
     initialized: bool = False
 
 
-def _int_env(env: Mapping[str, str], key: str) -> Optional[int]:
-    raw = env.get(key)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"{key}: expected an integer, got {raw!r}") from None
-    if value < 0:
-        raise UserError(f"{key}: expected a non-negative integer, got {raw!r}")
-    return value
-
-
 def read_launch_env(env: Optional[Mapping[str, str]] = None) -> Optional[DistInfo]:
     """The torchrun variables as a `DistInfo` (initialized=False), or None when this is not a launched job.
 
     Raises UserError for inconsistent or incomplete variables (e.g. WORLD_SIZE set but MASTER_ADDR missing).
     """
     env = os.environ if env is None else env
-    world = _int_env(env, "WORLD_SIZE")
-    rank = _int_env(env, "RANK")
-    local_rank = _int_env(env, "LOCAL_RANK")
+    world = env_int(env, "WORLD_SIZE")
+    rank = env_int(env, "RANK")
+    local_rank = env_int(env, "LOCAL_RANK")
     if world is None and rank is None:
         return None  # LOCAL_RANK alone only picks the device
     if world is None or rank is None:
@@ -84,7 +71,7 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> Optional[DistInf
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise UserError(f"MASTER_PORT: expected a TCP port number (1-65535), got {port!r}")
     local_rank = local_rank or 0
-    local_world = _int_env(env, "LOCAL_WORLD_SIZE")
+    local_world = env_int(env, "LOCAL_WORLD_SIZE")
     local_world = local_world if local_world is not None else local_rank + 1  # unknown: lower bound
     if local_rank >= local_world:
         raise UserError(f"LOCAL_RANK={local_rank} is out of range for LOCAL_WORLD_SIZE={local_world}")
