@@ -39,8 +39,9 @@ import torch
 
 from dinobridge.config import build_config
 from dinobridge.data.augmentation import MultiCropAugmentation
-from dinobridge.data.collate import MultiCropCollator
-from dinobridge.data.loader import DevicePrefetcher, batch_to_device, build_training_data, multicrop_config
+from dinobridge.data.loader import (
+    DevicePrefetcher, batch_to_device, build_collator, build_training_data, multicrop_config,
+)
 from dinobridge.distributed.device import select_device
 from dinobridge.distributed.setup import init_distributed, seed_everything
 from dinobridge.train.flops import peak_flops, step_flops_from_config
@@ -58,12 +59,7 @@ def _synthetic_batch(cfg: Any, seed: int = 0) -> dict[str, Any]:
     for i in range(B):
         img = Image.fromarray(rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
         samples.append(augment(img, generator_seed=i))
-    collate = MultiCropCollator.for_crops(
-        int(cfg.crops.global_crops_size), int(cfg.student.patch_size),
-        mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_sample_probability=float(cfg.ibot.mask_sample_probability),
-        mask_random_circular_shift=bool(cfg.ibot.mask_random_circular_shift), seed=seed)
-    return collate(samples, batch_index=0)
+    return build_collator(cfg)(samples, batch_index=0)
 
 
 def _sync(device: Any) -> None:

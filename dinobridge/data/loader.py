@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -279,8 +280,6 @@ class DevicePrefetcher:
         return self
 
     def _load(self) -> dict[str, Any]:
-        import time
-
         t0 = time.perf_counter()
         batch = next(self.batches)
         self.last_wait_s += time.perf_counter() - t0
@@ -317,24 +316,29 @@ class TrainingData:
     device_augment: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def build_training_data(
-    cfg: Any, dataset: Any, rank: int = 0, world_size: int = 1, start_iter: int = 0, pin_memory: bool = False
-) -> TrainingData:
-    """The loader and device augmentation a training run (and the training benchmark) uses, from `cfg`."""
-    from dinobridge.data.augmentation import MultiCropAugmentation
+def build_collator(cfg: Any, rank: int = 0) -> Any:
+    """The run's `MultiCropCollator`: iBOT block masks on the global-crop grid (`ibot.*`), seeded by (train.seed, rank)."""
     from dinobridge.data.collate import MultiCropCollator
-    from dinobridge.data.gpu_augmentation import DeviceAugmentation
 
-    augment = MultiCropAugmentation(multicrop_config(cfg))
-    collate = MultiCropCollator.for_crops(
+    return MultiCropCollator.for_crops(
         int(cfg.crops.global_crops_size), int(cfg.student.patch_size),
         mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
         mask_sample_probability=float(cfg.ibot.mask_sample_probability),
         mask_random_circular_shift=bool(cfg.ibot.mask_random_circular_shift),
         seed=int(cfg.train.seed), rank=rank,
     )  # fmt: skip
+
+
+def build_training_data(
+    cfg: Any, dataset: Any, rank: int = 0, world_size: int = 1, start_iter: int = 0, pin_memory: bool = False
+) -> TrainingData:
+    """The loader and device augmentation a training run (and the training benchmark) uses, from `cfg`."""
+    from dinobridge.data.augmentation import MultiCropAugmentation
+    from dinobridge.data.gpu_augmentation import DeviceAugmentation
+
+    augment = MultiCropAugmentation(multicrop_config(cfg))
     loader = build_train_loader(
-        dataset, augment, collate, batch_size=int(cfg.train.batch_size_per_gpu), rank=rank, world_size=world_size,
+        dataset, augment, build_collator(cfg, rank), batch_size=int(cfg.train.batch_size_per_gpu), rank=rank, world_size=world_size,
         seed=int(cfg.train.seed), start_iter=start_iter, num_workers=int(cfg.train.num_workers),
         pin_memory=pin_memory,
     )  # fmt: skip
