@@ -27,13 +27,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run like a DataLoader worker (1 intra-op thread): tiny ops on an oversubscribed machine stall with OpenMP."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_image(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

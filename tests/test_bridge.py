@@ -24,12 +24,7 @@ BRIDGE_ON = ["MODEL.META_ARCHITECTURE=SSLResizeShuffle", "crops.use_resize_shuff
              f"{RS}.bridge_global_weight=0.25", f"{RS}.bridge_patchshuffle_weight=0.25"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(extra=()):  # noqa: B006

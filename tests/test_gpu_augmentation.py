@@ -29,12 +29,7 @@ DENSE = dict(color_jitter_prob=0.9, grayscale_prob=0.4, global_crop_1_blur_prob=
              local_crops_blur_prob=0.6, global_crop_2_solarize_prob=0.6)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, seed: int = 0) -> list[torch.Tensor]:

@@ -44,12 +44,7 @@ ALL_ON = [f"{RS}.resize_paste_loss_weight=0.5", f"{RS}.patch_shuffle_loss_weight
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(extra=(), arch="SSLResizeShuffle"):  # noqa: B006

@@ -28,12 +28,7 @@ PEAK_FROM_STEP_0 = [f"{RS}.resize_paste_loss_weight=0.5", f"{RS}.patch_shuffle_l
                     f"{RS}.bridge_global_weight=0.25", f"{RS}.bridge_patchshuffle_weight=0.25"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
