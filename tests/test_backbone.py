@@ -272,6 +272,25 @@ def test_drop_path_and_patch_drop_in_training():
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
+def test_drop_path_residual_equals_index_add_values_and_gradients():
+    # the stochastic-depth residual takes and writes rows without atomics; reference: x.index_add(idx, f(x[idx]) * s)
+    from dinobridge.models.layers import _residual
+
+    w = torch.randn(8, 8, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(6, 5, 8, dtype=dtype, requires_grad=True)
+        branch = lambda y, idx: torch.tanh(y @ w.to(dtype))  # noqa: E731
+        torch.manual_seed(1)
+        out = _residual(x, branch, 0.4, training=True)
+        torch.manual_seed(1)
+        idx = torch.randperm(6)[:3]
+        ref = torch.index_add(x, 0, idx, branch(x[idx], idx) * 2.0)
+        g = torch.randn_like(out)
+        assert torch.equal(out, ref)
+        assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+        assert not torch.equal(out, x)  # the branch did add something
+
+
 def test_rmsnorm_and_swiglu_variants_run():
     for ffn in ("swiglu32", "swiglu64", "swiglu128"):
         m = tiny(ffn_layer=ffn, norm_layer="rmsnorm", qkv_bias=False, proj_bias=False, ffn_bias=False)

@@ -6,7 +6,7 @@ Parameter names match the official DINOv3 / DINOv2 checkpoints (`qkv`, `proj`, `
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,31 @@ class Attention(nn.Module):
 
 
 # ---------------------------------------------------------------- block
+class _TakeRows(torch.autograd.Function):
+    """x[idx] for distinct row indices, with a backward that scatters (index_copy) instead of accumulating.
+
+    Autograd's own backward of x[idx] is an atomic index_add, slow on bf16 CUDA tensors; rows are distinct here
+    (a prefix of a random permutation), so a plain scatter gives the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.n_rows = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.n_rows, *grad.shape[1:])).index_copy_(0, idx, grad), None
+
+
+def _add_to_rows(x: Tensor, idx: Tensor, rows: Tensor, update: Tensor) -> Tensor:
+    """x with rows idx replaced by rows + update (rows = x[idx] taken with `_TakeRows`): the same values as
+    index_add(x, 0, idx, update), with no atomic accumulation in forward or backward (idx distinct)."""
+    return x.index_copy(0, idx, rows + update)
+
+
 def _residual(x: Tensor, branch: Callable[[Tensor, Optional[Tensor]], Tensor], drop_rate: float, training: bool) -> Tensor:
     """x + branch(x), with batch-subset stochastic depth at train time (DINOv2/v3 style).
 
@@ -212,9 +237,8 @@ def _residual(x: Tensor, branch: Callable[[Tensor, Optional[Tensor]], Tensor], d
     b = x.shape[0]
     keep = max(int(b * (1 - drop_rate)), 1)
     idx = torch.randperm(b, device=x.device)[:keep]
-    # the scale multiplies the branch output rather than going in as index_add's `alpha`: with dynamic shapes
-    # under torch.compile, a symbolic alpha trips a guard in index_add's decomposition
-    return torch.index_add(x, 0, idx, branch(x[idx], idx).to(x.dtype) * (b / keep))
+    rows = _TakeRows.apply(x, idx)
+    return _add_to_rows(x, idx, rows, branch(rows, idx).to(x.dtype) * (b / keep))
 
 
 class SelfAttentionBlock(nn.Module):
@@ -276,7 +300,7 @@ class SelfAttentionBlock(nn.Module):
                 b = xi.shape[0]
                 keep = max(int(b * (1 - self.drop_path)), 1)
                 subsets.append(torch.randperm(b, device=xi.device)[:keep])
-            inputs = [xi[idx] for xi, idx in zip(xs, subsets)]
+            inputs = [_TakeRows.apply(xi, idx) for xi, idx in zip(xs, subsets)]
         else:
             subsets, inputs = None, xs
         flat = torch.cat([t.flatten(0, 1) for t in inputs])
@@ -287,5 +311,5 @@ class SelfAttentionBlock(nn.Module):
             if subsets is None:
                 result.append(xi + oi)
             else:
-                result.append(torch.index_add(xi, 0, subsets[i], oi.to(xi.dtype) * (xi.shape[0] / oi.shape[0])))
+                result.append(_add_to_rows(xi, subsets[i], inputs[i], oi.to(xi.dtype) * (xi.shape[0] / oi.shape[0])))
         return result
