@@ -74,12 +74,12 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         all_overrides.append(f"train.dataset_path={args.data}")
     cfg = build_config(args.config_file, all_overrides, out_dir, config_name=args.config_name)
     device = select_device(str(cfg.MODEL.DEVICE))
-    distinfo = init_distributed(device)
+    distinfo = init_distributed(device, always_group=args.fsdp)
     seed_everything(int(cfg.train.seed), distinfo.rank)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    training = build_training(cfg, device, distinfo)
+    training = build_training(cfg, device, distinfo, force_fsdp=args.fsdp)
     build_s = time.perf_counter() - t_build
 
     # the add-on objectives (Crop-Resize, PatchRoll) add global-size student rows: count them on the first step
@@ -106,6 +106,7 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
             return batch
 
     times, waits = [], []
+    static_gib = None
     n_total = args.warmup + args.steps
     first_step_s = None
     for it in range(n_total):
@@ -118,6 +119,8 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         if it == 0:
             first_step_s = t2 - t0
             hook.remove()
+        if it == args.warmup - 1 and device.type == "cuda":  # model, gradients, optimizer state between steps
+            static_gib = torch.cuda.memory_allocated() / 2**30
         if it >= args.warmup:
             times.append(t2 - t0)
             waits.append(t1 - t0)
@@ -140,6 +143,8 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         "gflop_per_step": flops["total"] / 1e9,
         "extra_global_views": extra_views,
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
+        "static_mem_gib": static_gib,
+        "fsdp": training.fsdp,
         "data_wait_pct": 100 * sum(waits) / sum(times),
         "build_s": build_s,
         "first_step_s": first_step_s,
@@ -159,12 +164,12 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'variant':<22} {'img/s':>8} {'step ms':>8} {'TFLOP/s':>8} {'MFU %':>6} {'mem GiB':>8} {'wait %':>7} "
-          f"{'loss':>8}")
+    print(f"{'variant':<22} {'img/s':>8} {'step ms':>8} {'TFLOP/s':>8} {'MFU %':>6} {'mem GiB':>8} {'static':>7} "
+          f"{'wait %':>7} {'loss':>8}")
     for r in rows:
         print(f"{r['variant']:<22} {_fmt(r['img_per_s'], '8.1f')} {_fmt(r['step_ms'], '8.1f')} "
               f"{_fmt(r['tflops'], '8.1f')} {_fmt(r['mfu_pct'], '6.1f')} {_fmt(r['peak_mem_gib'], '8.2f')} "
-              f"{_fmt(r['data_wait_pct'], '7.1f')} {_fmt(r['last_loss'], '8.3f')}")
+              f"{_fmt(r.get('static_mem_gib'), '7.2f')} {_fmt(r['data_wait_pct'], '7.1f')} {_fmt(r['last_loss'], '8.3f')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:OVERRIDES (space-separated key=value), repeatable; default: one variant 'default:'")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 even on one process (a 1-rank group), as the official trainer always runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     args = p.parse_args(argv)
     if args.data != "synthetic" and not args.data.startswith(("ImageFolder:", "builtin:")) and ":" not in args.data:
