@@ -125,6 +125,19 @@ def test_cifar10_image_folder_with_patch4_recipe(tmp_path, capsys, cifar_subset)
     assert "kNN top-1" in out
 
 
+def test_cifar10_20min_preset_trains_on_cpu(tmp_path, capsys, cifar_subset):
+    # the H100 preset as published (GPU photometric augmentation, its schedules and heads), only sized down
+    small = ["student.arch=vit_test", "train.batch_size_per_gpu=8", "train.num_workers=0", "train.max_iter=2",
+             "train.progress_bar=false", "train.log_period=1", "MODEL.DEVICE=cpu", "evaluation.knn_period=0",
+             "evaluation.knn_at_end=false", "train.compile=false"]
+    args = ["--config-name", "cifar10_20min", "--output-dir", str(tmp_path), *small,
+            f"train.dataset_path=ImageFolder:root={cifar_subset / 'train'}"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
+    assert sorted(m) == [1, 2] and all(torch.isfinite(torch.tensor(e["total_loss"])) for e in m.values())
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def _train_cmd(out: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "dinobridge.train", "--output-dir", str(out), *TINY, "train.deterministic=true",
