@@ -1,10 +1,11 @@
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from gloo_utils import with_free_port
 
 from dinobridge.balancing import (
     Balancer,
@@ -129,10 +130,6 @@ def test_build_balancer_registry():
 # ---------------------------------------------------------------- two gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir, dino, ibot, counts):
@@ -154,7 +151,8 @@ def test_two_process_equals_one_process(tmp_path):
     dino = _logits(16, 32, seed=5)
     ibot = _logits(13, 32, seed=6)
     counts = [9, 4]  # unequal masked-patch counts per rank
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), dino, ibot, counts), nprocs=2, join=True)
+    with_free_port(lambda port: mp.spawn(_worker, args=(2, port, str(tmp_path), dino, ibot, counts), nprocs=2,
+                                         join=True))
     r = [torch.load(tmp_path / f"r{i}.pt") for i in range(2)]
     torch.testing.assert_close(torch.cat([r[0]["dino"], r[1]["dino"]]), SinkhornKnopp()(dino, 0.05), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.cat([r[0]["ibot"], r[1]["ibot"]]), SinkhornKnopp()(ibot, 0.05), atol=1e-6, rtol=0)

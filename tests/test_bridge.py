@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from gloo_utils import with_free_port
+
 from dinobridge.config import build_config
 from dinobridge.data.collate import collate_multicrop
 from dinobridge.data.masking import BlockMaskGenerator
@@ -185,14 +187,9 @@ def _fsdp_worker(rank: int, port: int, out_path: str) -> None:
 
 
 def test_detached_head_under_fsdp2_gives_no_head_gradient(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(port, str(tmp_path / "r.pt")), nprocs=2)
+    with_free_port(lambda port: mp.spawn(_fsdp_worker, args=(port, str(tmp_path / "r.pt")), nprocs=2))
     r = torch.load(tmp_path / "r.pt")
     torch.testing.assert_close(r["out"], r["ref_out"])
     assert r["x_grad"].abs().sum() > 0

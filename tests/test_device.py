@@ -11,7 +11,6 @@ import importlib.util
 import logging
 import os
 import random
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from gloo_utils import with_free_port
 
 from dinobridge.distributed.device import (
     COMPILE_SUPPORT,
@@ -375,10 +376,6 @@ def test_init_distributed_device_misconfiguration_injected_probe():
     assert not dist.is_initialized()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(local_rank: int, port: int, out_dir: str) -> None:
@@ -402,8 +399,8 @@ def _dist_worker(local_rank: int, port: int, out_dir: str) -> None:
 def test_init_distributed_two_gloo_processes(tmp_path):
     # fork (no torch re-import in the children) unless an accelerator runtime is already initialised here
     fork_ok = sys.platform == "linux" and not torch.cuda.is_initialized()
-    mp.start_processes(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
-             start_method="fork" if fork_ok else "spawn")
+    with_free_port(lambda port: mp.start_processes(_dist_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
+                                                   start_method="fork" if fork_ok else "spawn"))
     rows = sorted(p.read_text().split() for p in tmp_path.glob("rank*.txt"))
     assert rows == [
         ["0", "2", "0", "1", "1", "gloo", "3.0", "1"],

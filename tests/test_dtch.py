@@ -4,13 +4,14 @@ modes, equivariance, limits, 2-process gloo equivalence, state round trip, dtype
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from gloo_utils import with_free_port
 
 from dinobridge.balancing import DTCHSinkhorn, SinkhornKnopp, available_balancers, build_balancer, build_dtch_balancer
 from dinobridge.config.addons import DtchConfig
@@ -339,10 +340,6 @@ def test_registry_and_config_helper():
 
 
 # ---------------------------------------------------------------- two gloo processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_steps(cls_bal, patch_bal, cls_steps, patch_steps, rank=0, world=1, counts=None):
@@ -386,7 +383,8 @@ def test_two_processes_equal_one_process_and_identical_history(tmp_path):
     cls_steps = [_logits(12, 32, seed=70 + i, scale=0.5) for i in range(steps)]
     counts = [[7, 2], [3, 9], [5, 5], [0, 6], [8, 1]]  # unequal (and one empty) masked-patch counts per rank
     patch_steps = [_logits(sum(n), 16, seed=80 + i, scale=0.5) for i, n in enumerate(counts)]
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cls_steps, patch_steps, counts), nprocs=2, join=True)
+    with_free_port(lambda port: mp.spawn(_worker, args=(2, port, str(tmp_path), cls_steps, patch_steps, counts),
+                                         nprocs=2, join=True))
     r = [torch.load(tmp_path / f"r{i}.pt") for i in range(2)]
     # single process over the whole batch: per-rank caches x world size
     cls_bal = DTCHSinkhorn(32, hist_cache=48, history_mode="ema", soft_scale=2.0)

@@ -1,11 +1,12 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from gloo_utils import with_free_port
 
 from dinobridge.objectives import (
     DINOLoss,
@@ -187,10 +188,6 @@ def test_koleo_distributed_single_process():
         KoLeoLossDistributed(group_size=4)(x)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _koleo_worker(rank, world, port, out_dir, x):
@@ -208,7 +205,7 @@ def _koleo_worker(rank, world, port, out_dir, x):
 
 def test_koleo_distributed_two_processes_equal_concatenated(tmp_path):
     x = _randn(12, 5, seed=10)
-    mp.spawn(_koleo_worker, args=(2, _free_port(), str(tmp_path), x), nprocs=2, join=True)
+    with_free_port(lambda port: mp.spawn(_koleo_worker, args=(2, port, str(tmp_path), x), nprocs=2, join=True))
     r = [torch.load(tmp_path / f"k{i}.pt") for i in range(2)]
     xs = x.clone().requires_grad_()
     single = KoLeoLoss()(xs)

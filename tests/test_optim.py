@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from torch import nn
+
+from gloo_utils import with_free_port
 
 from dinobridge.models import build_vit
 from dinobridge.models.heads import DINOHead
@@ -244,10 +245,6 @@ def test_ema_update_mismatch_errors():
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2 (2 ranks)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
@@ -301,4 +298,4 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_fsdp2_clip_optimizer_ema_two_ranks():
-    mp.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    with_free_port(lambda port: mp.spawn(_fsdp_worker, args=(2, port), nprocs=2, join=True))

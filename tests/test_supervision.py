@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import types
 
@@ -12,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from gloo_utils import with_free_port
 
 import dinobridge
 from dinobridge.supervision import (
@@ -305,15 +306,11 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_vicreg_gather_across_two_ranks_matches_single_process(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path / "r")), nprocs=world, join=True)
+    with_free_port(lambda port: mp.spawn(_worker, args=(world, port, str(tmp_path / "r")), nprocs=world, join=True))
     y, g = _data()
     y64 = y.double().requires_grad_()
     ref = vicreg_ref(y64, g)
