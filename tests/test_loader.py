@@ -205,3 +205,19 @@ def test_device_prefetcher_on_cuda_reads_one_batch_ahead():
     first = next(pre)
     assert first["x"].is_cuda and first["x"][0].item() == 0.0
     assert pre._ahead is not None and pre._ahead["x"][0].item() == 1.0
+
+
+def test_workers_survive_a_sigterm_sent_to_the_process_group():
+    """A scheduler's SIGTERM to the whole group must not kill the data workers (the trainer saves, then stops them)."""
+    import signal
+    import time
+
+    ds = ProceduralShapes(n=40, size=16)
+    loader = build_train_loader(ds, _identity_tensor, None, batch_size=4, seed=0, num_workers=1)
+    iterator = iter(loader.dataloader)
+    next(iterator)
+    (worker,) = iterator._workers  # torch's worker processes (private attribute, read only)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert worker.is_alive()
+    assert next(iterator)["batch"].shape[0] == 4

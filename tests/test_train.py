@@ -166,6 +166,40 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_sigterm_saves_after_the_step_and_resume_matches_a_straight_run(tmp_path, capsys, monkeypatch):
+    """Pre-emption: SIGTERM (sent to this process while it logs iteration 3, i.e. mid-run, between checkpoints)
+    makes the run save iteration 3, exit with 143 (128 + SIGTERM) and the same command then finishes the run with
+    the losses and weights of an uninterrupted one."""
+    import dinobridge.train.loop as loop
+
+    args = [*TINY, "train.deterministic=true", "train.OFFICIAL_EPOCH_LENGTH=6", "checkpointing.period=4"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(["--output-dir", str(straight), *args], capsys)[0] == 0
+
+    class SignallingLogger(loop.MetricLogger):
+        def log(self, it, scalars):
+            super().log(it, scalars)
+            if it == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(loop, "MetricLogger", SignallingLogger)
+    code, out, err = run_cli(["--output-dir", str(stopped), *args], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is restored
+    assert sorted(metrics(stopped)) == [1, 2, 3]
+    assert (stopped / "ckpt" / "00000003.pth").is_file()  # saved by the stop, not by the period (4)
+    assert "stopped by signal" in (stopped / "log.txt").read_text() + out + err
+    monkeypatch.setattr(loop, "MetricLogger", SignallingLogger.__base__)
+    assert run_cli(["--output-dir", str(stopped), *args], capsys)[0] == 0
+    a, b = metrics(straight), metrics(stopped)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in a:
+        assert a[it]["total_loss"] == b[it]["total_loss"], (it, a[it]["total_loss"], b[it]["total_loss"])
+    sa, sb = torch.load(straight / "teacher_backbone.pth"), torch.load(stopped / "teacher_backbone.pth")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_kill_during_checkpoint_write_keeps_previous_loadable(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 

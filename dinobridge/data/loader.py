@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -142,6 +143,11 @@ class InfiniteBatchSampler:
 
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run many small CPU ops; avoid oversubscribing the cores
+    # A scheduler's SIGTERM / SIGUSR1 often reaches the whole process group: the main process turns it into "save
+    # after this step" (train/preemption.py) and shuts the workers down itself (they also exit if it dies).
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class TrainLoader:

@@ -32,6 +32,7 @@ from dinobridge.train.checkpoint import Checkpointer, export_teacher, full_state
 from dinobridge.train.metrics import MetricLogger, StepTimer
 from dinobridge.train.monitors import rankme
 from dinobridge.train.online_eval import OnlineEvaluator
+from dinobridge.train.preemption import StopSignal
 from dinobridge.train.step import build_training
 
 log = logging.getLogger("dinobridge")
@@ -131,9 +132,15 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
     keep_every = ckpt_cfg.get("keep_every")
     keep_epochs = cfg.train.get("saveckp_freq")
     online_eval = OnlineEvaluator(cfg, device, is_main)
-    bad_steps, last, skipped, held = 0, {}, 0, None
+    bad_steps, last, skipped, held, stopped_by = 0, {}, 0, None, None
     it = start_iter
+
+    def save(keep: bool = False) -> None:
+        checkpointer.save(it, model, optimizer, cfg, keep=keep, save_student=bool(ckpt_cfg.save_student),
+                          extra={"n_gram_updates": model.n_gram_updates, "global_batch": global_batch})
+
     data_iter = DevicePrefetcher(iter(data.loader), device.device, data.device_augment)  # batches on the device
+    stop_signal = StopSignal().install()  # SIGTERM / SIGUSR1: save after this step and leave (train/preemption.py)
     try:
         while it < max_iter:
             batch = next(data_iter)
@@ -178,20 +185,28 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
             epoch_end = it % epoch_len == 0
             keep = bool((keep_every and it % int(keep_every) == 0)
                         or (keep_epochs and epoch_end and (it // epoch_len) % int(keep_epochs) == 0))
-            if it % period == 0 or it == max_iter or keep:
-                checkpointer.save(it, model, optimizer, cfg, keep=keep, save_student=bool(ckpt_cfg.save_student),
-                                  extra={"n_gram_updates": model.n_gram_updates, "global_batch": global_batch})
+            saved = it % period == 0 or it == max_iter or keep
+            if saved:
+                save(keep)
             if it % eval_period == 0 or it == max_iter:
                 export_teacher(model, out, it, final=it == max_iter, write=is_main)
             if online_eval.scheduled(it, max_iter):  # kNN / linear probe / pictures (rank 0)
                 backbone = teacher_backbone_for_eval(model, cfg, device, is_main)  # collective under FSDP
                 if backbone is not None:
                     online_eval(it, max_iter, backbone, logger)
+            stopped_by = stop_signal.requested(device.device) if it < max_iter else None
+            if stopped_by is not None:
+                if not saved:
+                    save()
+                logger.write(f"stopped by signal {stopped_by} at iteration {it}/{max_iter}; checkpoint saved in "
+                             f"{checkpointer.dir}; run the same command to resume")
+                break
             timer.skip()  # logging, checkpoints and evaluation count neither as data wait nor as compute
     finally:
+        stop_signal.restore()
         logger.close()
 
-    summary: dict[str, Any] = {"iteration": it, "output_dir": str(out), "last": last}
+    summary: dict[str, Any] = {"iteration": it, "output_dir": str(out), "last": last, "stopped_by": stopped_by}
     if bool(cfg.evaluation.get("knn_at_end", False)) and it >= max_iter:
         backbone = teacher_backbone_for_eval(model, cfg, device, is_main)  # collective under FSDP
         if is_main:
@@ -245,10 +260,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def run(cfg: Any) -> dict[str, Any]:
-        return train(cfg, resume=bool(cfg.train.get("resume", True)))
+        summary = train(cfg, resume=bool(cfg.train.get("resume", True)))
+        if summary.get("stopped_by") is not None:  # pre-empted: no further sweep jobs; exit 128 + signal
+            raise _Stopped(int(summary["stopped_by"]))
+        return summary
 
     try:
         return launch(argv, run)
     except UserError as e:
         print(f"dinobridge train: error: {e}", file=sys.stderr)
         return 2
+    except _Stopped as stop:
+        return 128 + stop.signum
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
