@@ -15,7 +15,7 @@ from dinobridge.data.datasets import (
     build_train_dataset,
     ratio_indices,
 )
-from dinobridge.data.synthetic import ProceduralShapes, class_shape_texture
+from dinobridge.data.synthetic import MAX_CLASSES, ProceduralShapes, class_shape_texture
 from dinobridge.errors import DataError, UserError
 
 
@@ -221,10 +221,26 @@ def test_procedural_shapes_deterministic_balanced_distinct():
     assert img.mode == "RGB" and img.size == (64, 64)
     flat = np.stack([a.render(i) for i in range(50)]).reshape(50, -1)
     assert len({row.tobytes() for row in flat}) == 50
-    pairs = {class_shape_texture(c) for c in range(24)}
-    assert len(pairs) == 24 and len(set(a.classes)) == 10
+    pairs = {class_shape_texture(c) for c in range(MAX_CLASSES)}
+    assert len(pairs) == MAX_CLASSES == 20 and len(set(a.classes)) == 10
+    assert {class_shape_texture(c)[1] for c in range(10)} == {0, 1}  # default classes: 5 shapes x {solid, stripes}
     with pytest.raises(ValueError, match="num_classes"):
-        ProceduralShapes(num_classes=25)
+        ProceduralShapes(num_classes=MAX_CLASSES + 1)
+
+
+def test_procedural_shapes_objects_stand_out_in_luminance():
+    # each image: one background colour (the most frequent) plus one flat fill colour per object (2-4 objects), and
+    # every fill differs from the background by >= LUMA_GAP in luminance, so the objects survive grey-scale
+    ds = ProceduralShapes(n=300, size=64, seed=3)
+    luma = np.array([0.299, 0.587, 0.114])
+    lo, hi = ProceduralShapes.OBJECTS
+    for i in range(300):
+        img = ds.render(i).reshape(-1, 3)
+        colours, counts = np.unique(img, axis=0, return_counts=True)
+        assert 1 + lo <= len(colours) <= 1 + hi, i  # objects never hide each other completely
+        bg = colours[counts.argmax()]
+        gaps = np.abs((colours.astype(np.float64) - bg) @ luma) / 255
+        assert np.sort(gaps)[1] >= ProceduralShapes.LUMA_GAP - 2 / 255, i
 
 
 def _nearest_class_mean_acc(feat, y, feat_v, y_v, k):

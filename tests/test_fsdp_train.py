@@ -30,6 +30,9 @@ COMMON = [
     "evaluation.knn_period=0", "train.progress_bar=false", "train.log_period=1", "MODEL.DEVICE=cpu",
     "compute_precision.param_dtype=fp32", "compute_precision.reduce_dtype=fp32", "train.compile=false",
     "train.deterministic=true", "train.tensorboard=false",
+    # pinned to the official values, so that the tolerances below do not move with the default preset's tuning
+    "student.layerscale=1e-5", "dino.head_norm_last_layer=false", "ibot.head_norm_last_layer=false",
+    "teacher.momentum_teacher=0.99",
 ]
 # the step comparison: no drop path (no RNG draws), no KoLeo (per-rank by design), no warm-up (real updates)
 STEP_CFG = [*COMMON, "student.drop_path_rate=0.0", "dino.koleo_loss_weight=0", "dino.koleo_cls_loss_weight=null",

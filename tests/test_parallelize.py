@@ -77,6 +77,64 @@ def test_activation_checkpointing_keeps_names_and_gradients(full: bool):
         apply_activation_checkpointing(ckpt.student.backbone.blocks)
 
 
+@pytest.mark.parametrize("policy, recomputes_addmm", [("official", True), ("matmuls", False)])
+def test_selective_policy_decides_which_matmuls_are_recomputed(policy: str, recomputes_addmm: bool):
+    """The backward of a checkpointed block re-runs the ops its policy does not save: under "official" (DINOv3's
+    list) the biased Linears' `addmm` runs again, under "matmuls" it is saved; gradients are the same either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAddmm(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAddmm.n += int(func is torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = _build(_cfg()).student.backbone.blocks[0]
+    x = torch.randn(2, 9, block.norm1.weight.shape[0], requires_grad=True)
+    reference = torch.autograd.grad(block(x).square().sum(), x)[0]
+    apply_activation_checkpointing(torch.nn.ModuleList([block]), policy=policy)
+    y = block(x).square().sum()
+    with CountAddmm():
+        (grad,) = torch.autograd.grad(y, x)
+    assert (CountAddmm.n > 0) == recomputes_addmm, CountAddmm.n
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.compile is skipped on CPU")
+def test_compiled_jobs_in_one_process_keep_their_own_policy():
+    """Two jobs in one process (a sweep) with compile on and different checkpointing policies: the second must not
+    reuse the first's compiled block (dynamo guards do not see the policy). Measured by the bytes the block saves."""
+    def saved_bytes(policy: str) -> int:
+        cfg = _cfg(["train.compile=true", "train.checkpointing=true", f"train.checkpointing_policy={policy}",
+                    "MODEL.DEVICE=cuda"])
+        model = _build(cfg).cuda()
+        parallelize_meta_arch(model, cfg, select_device("cuda"), 1)
+        block = model.student.backbone.blocks[0]
+        x = torch.randn(64, 65, block.norm1.weight.shape[0], device="cuda", requires_grad=True)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x).sum().backward()
+        return total
+
+    official, matmuls = saved_bytes("official"), saved_bytes("matmuls")
+    assert matmuls > official, (official, matmuls)
+
+
+def test_unknown_checkpointing_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.checkpointing_policy"):
+        _cfg(["train.checkpointing_policy=everything"])
+    with pytest.raises(ConfigError, match="train.checkpointing_policy"):
+        apply_activation_checkpointing(torch.nn.ModuleList([torch.nn.Linear(2, 2)]), policy="everything")
+
+
 def test_config_errors_and_dtypes():
     assert parse_dtype("bf16", "k") is torch.bfloat16 and parse_dtype("fp32", "k") is torch.float32
     with pytest.raises(ConfigError, match="compute_precision.param_dtype"):

@@ -150,7 +150,8 @@ class TrainConfig:
     seed: seed of every random draw (data order, crops, masks, init). num_workers: DataLoader workers per process.
     OFFICIAL_EPOCH_LENGTH: iterations per "epoch" (the unit of every *_epochs key).
     checkpointing / checkpointing_full: activation checkpointing (selective / full). compile: torch.compile (skipped
-      where unsupported). cache_dataset: official sampler switch (true -> sharded infinite sampler).
+      where unsupported). checkpointing_policy (ours): what selective checkpointing keeps: "official" (DINOv3's
+      list: mm, scaled_mm, SDPA, reduce-scatter outputs) or "matmuls" (also addmm / bmm: faster, ~3x the memory). cache_dataset: official sampler switch (true -> sharded infinite sampler).
     reshuffle_sampler_perm (user's key): draw a new permutation of the dataset at every pass (true, the official
       behaviour) or reuse the first one (false).
     cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped
@@ -178,6 +179,7 @@ class TrainConfig:
     centering: str = "sinkhorn_knopp"
     checkpointing: bool = False
     checkpointing_full: bool = False
+    checkpointing_policy: str = "official"
     compile: bool = True
     cudagraphs: bool = False
     sharded_eval_checkpoint: bool = False

@@ -74,14 +74,27 @@ def parse_dtype(name: Any, key: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- 1. checkpointing
-def _save_ops() -> set:
-    """ATen ops whose outputs the selective policy saves: matmuls, SDPA kernels, the FSDP reduce-scatter."""
+CHECKPOINTING_POLICIES = ("official", "matmuls")
+
+
+def _save_ops(policy: str = "official") -> set:
+    """ATen ops whose outputs the selective policy saves.
+
+    "official" (DINOv3's list): `mm`, `_scaled_mm`, the SDPA kernels and the FSDP reduce-scatter. A biased Linear
+    runs as `addmm`, so with the ViT's biased qkv / MLP layers mostly the attention outputs are kept.
+    "matmuls": also `addmm` and `bmm`: every matmul output is kept (faster backward, ~3x the activation memory).
+    """
+    if policy not in CHECKPOINTING_POLICIES:
+        raise ConfigError(f"train.checkpointing_policy: expected one of {', '.join(CHECKPOINTING_POLICIES)}, "
+                          f"got {policy!r}")
     aten = torch.ops.aten
     names = [
-        "mm", "addmm", "bmm", "_scaled_mm",
+        "mm", "_scaled_mm",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
     ]
+    if policy == "matmuls":
+        names += ["addmm", "bmm"]
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     c10d = getattr(torch.ops, "_c10d_functional", None)
     if c10d is not None and hasattr(c10d, "reduce_scatter_tensor"):
@@ -89,24 +102,25 @@ def _save_ops() -> set:
     return ops
 
 
-def selective_checkpoint_policy() -> Callable[..., Any]:
-    """Policy for `create_selective_checkpoint_contexts`: save matmul/SDPA outputs, recompute the rest."""
+def selective_checkpoint_policy(policy: str = "official") -> Callable[..., Any]:
+    """Policy for `create_selective_checkpoint_contexts`: save the outputs of `_save_ops(policy)`, recompute the
+    rest."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    save = _save_ops()
+    save = _save_ops(policy)
 
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    def policy_fn(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return policy
+    return policy_fn
 
 
-def _checkpointed(forward: Callable[..., Any], selective: bool) -> Callable[..., Any]:
+def _checkpointed(forward: Callable[..., Any], selective: bool, policy: str) -> Callable[..., Any]:
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     extra: dict[str, Any] = {}
     if selective:
-        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy())
+        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy(policy))
 
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -115,16 +129,18 @@ def _checkpointed(forward: Callable[..., Any], selective: bool) -> Callable[...,
     return run
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, full: bool = False) -> None:
+def apply_activation_checkpointing(blocks: nn.ModuleList, full: bool = False, policy: str = "official") -> None:
     """Make every block recompute its activations in backward (in place; parameter names unchanged).
 
-    full=False: selective (matmul/SDPA outputs saved); full=True: only the block input is kept.
+    full=False: selective, saving the outputs of the ops of `policy` (see `_save_ops`); full=True: only the block
+    input is kept.
     """
+    _save_ops(policy)  # a bad policy name fails before any block is changed
     for i, blk in enumerate(blocks):
         if getattr(blk, _AC_ATTR, None):
             raise ValueError(f"apply_activation_checkpointing: block {i} is already checkpointed")
-        blk.forward = _checkpointed(blk.forward, selective=not full)
-        setattr(blk, _AC_ATTR, "full" if full else "selective")
+        blk.forward = _checkpointed(blk.forward, selective=not full, policy=policy)
+        setattr(blk, _AC_ATTR, "full" if full else f"selective:{policy}")
 
 
 # ---------------------------------------------------------------------------------------------- 2. compile
@@ -214,7 +230,8 @@ def parallelize_meta_arch(
 
     # 1. activation checkpointing (student blocks only: the teacher runs without grad)
     if bool(train.get("checkpointing", False)):
-        apply_activation_checkpointing(model.student.backbone.blocks, full=bool(train.get("checkpointing_full", False)))
+        apply_activation_checkpointing(model.student.backbone.blocks, full=bool(train.get("checkpointing_full", False)),
+                                       policy=str(train.get("checkpointing_policy", "official")))
 
     # 2. compile, per block
     backbones = [model.student.backbone, model.teacher.backbone]
@@ -233,6 +250,9 @@ def parallelize_meta_arch(
             cudagraphs = False
     if bool(train.get("compile", False)):
         if device.compile_default:
+            # A job before this one in the process (a `-m` sweep, a benchmark's variants) must not lend its compiled
+            # blocks: dynamo's guards do not cover the checkpointing policy, so a cached graph would keep the old one.
+            torch._dynamo.reset()
             for bb in backbones:
                 compile_blocks(bb, cudagraphs=cudagraphs)
         else:
