@@ -18,10 +18,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinobridge.objectives.base import Objective, SSLStep
+from dinobridge.objectives.soft_ce import soft_cross_entropy  # re-exported: the add-ons' per-row CE
 
 __all__ = ["AddonObjective", "ViewContext", "ViewRequest", "soft_cross_entropy", "view_generator"]
 
@@ -31,11 +31,6 @@ def view_generator(seed: int, rank: int, iteration: int, tag: str) -> torch.Gene
     key = [int(seed) & 0xFFFFFFFF, int(rank), int(iteration), zlib.crc32(tag.encode())]
     state = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
     return torch.Generator().manual_seed(state)
-
-
-def soft_cross_entropy(targets: Tensor, logits: Tensor, student_temp: float) -> Tensor:
-    """Per-row CE(q, s) = -Σ_k q_k log_softmax(s / τ_s)_k in fp32: targets, logits [n, K] -> [n]."""
-    return -(targets.float() * F.log_softmax(logits.float() / student_temp, dim=-1)).sum(dim=-1)
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinobridge.objectives.base import Objective, SSLStep
+from dinobridge.objectives.soft_ce import soft_cross_entropy
 
 __all__ = ["IBOTObjective", "IBOTPatchLoss", "masks_weight_from_masks"]
 
@@ -60,9 +60,8 @@ class IBOTPatchLoss(nn.Module):
             )
         if n_images <= 0:
             raise ValueError(f"IBOTPatchLoss: n_images must be > 0, got {n_images}")
-        log_p = F.log_softmax(student_logits_masked.float() / self.student_temp, dim=-1)
-        ce = (teacher_probs.float() * log_p).sum(dim=-1)  # [M]
-        return -(ce * masks_weight.float()).sum() / n_images
+        ce = soft_cross_entropy(teacher_probs, student_logits_masked, self.student_temp)  # [M], chunked (soft_ce.py)
+        return (ce * masks_weight.float()).sum() / n_images
 
     def extra_repr(self) -> str:
         return f"student_temp={self.student_temp}"
