@@ -19,8 +19,8 @@ Each batch is the collate output (a dict; a non-dict output is put under ``"batc
 from __future__ import annotations
 
 import inspect
+import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -143,11 +143,14 @@ class InfiniteBatchSampler:
 
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run many small CPU ops; avoid oversubscribing the cores
-    # A scheduler's SIGTERM / SIGUSR1 often reaches the whole process group: the main process turns it into "save
-    # after this step" (train/preemption.py) and shuts the workers down itself (they also exit if it dies).
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    # Own process group: a SIGTERM / SIGINT sent to the trainer's group (`timeout`, `kill -- -PGID`, Ctrl-C) reaches
+    # the main process only, which saves after its step (train/preemption.py) and shuts the workers down itself; a
+    # signal sent to a worker's pid still ends it, and workers exit when the main process dies.
+    if hasattr(os, "setsid"):
+        try:
+            os.setsid()
+        except OSError:
+            pass
 
 
 class TrainLoader:
