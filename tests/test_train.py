@@ -176,7 +176,9 @@ def test_sigterm_saves_after_the_step_and_resume_matches_a_straight_run(tmp_path
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_cli(["--output-dir", str(straight), *args], capsys)[0] == 0
 
-    class SignallingLogger(loop.MetricLogger):
+    original = loop.MetricLogger
+
+    class SignallingLogger(original):
         def log(self, it, scalars):
             super().log(it, scalars)
             if it == 3:
@@ -190,7 +192,7 @@ def test_sigterm_saves_after_the_step_and_resume_matches_a_straight_run(tmp_path
     assert sorted(metrics(stopped)) == [1, 2, 3]
     assert (stopped / "ckpt" / "00000003.pth").is_file()  # saved by the stop, not by the period (4)
     assert "stopped by signal" in (stopped / "log.txt").read_text() + out + err
-    monkeypatch.setattr(loop, "MetricLogger", SignallingLogger.__base__)
+    monkeypatch.setattr(loop, "MetricLogger", original)
     assert run_cli(["--output-dir", str(stopped), *args], capsys)[0] == 0
     a, b = metrics(straight), metrics(stopped)
     assert sorted(a) == sorted(b) == list(range(1, 7))

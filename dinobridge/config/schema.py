@@ -17,6 +17,7 @@ from dinobridge.config.addons import DataSourceConfig, DtchConfig, ResizeShuffle
 from dinobridge.config.schedules import ScheduleConfig, SchedulesConfig
 
 DEVICES = ("auto", "cpu", "cuda", "npu", "xpu", "mps")
+CHECKPOINTING_POLICIES = ("official", "matmuls")  # train.checkpointing_policy (see distributed/parallelize.py)
 
 
 @dataclass
@@ -151,7 +152,8 @@ class TrainConfig:
     OFFICIAL_EPOCH_LENGTH: iterations per "epoch" (the unit of every *_epochs key).
     checkpointing / checkpointing_full: activation checkpointing (selective / full). compile: torch.compile (skipped
       where unsupported). checkpointing_policy (ours): what selective checkpointing keeps: "official" (DINOv3's
-      list: mm, scaled_mm, SDPA, reduce-scatter outputs) or "matmuls" (also addmm / bmm: faster, ~3x the memory). cache_dataset: official sampler switch (true -> sharded infinite sampler).
+      list: mm, scaled_mm, SDPA, reduce-scatter outputs) or "matmuls" (also addmm / bmm: faster, ~3x the memory).
+      cache_dataset: official sampler switch (true -> sharded infinite sampler).
     reshuffle_sampler_perm (user's key): draw a new permutation of the dataset at every pass (true, the official
       behaviour) or reuse the first one (false).
     cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinobridge.config.schema import CHECKPOINTING_POLICIES
 from dinobridge.distributed.comm import broadcast_module
 from dinobridge.distributed.device import DeviceInfo
 from dinobridge.errors import ConfigError
@@ -74,9 +75,6 @@ def parse_dtype(name: Any, key: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- 1. checkpointing
-CHECKPOINTING_POLICIES = ("official", "matmuls")
-
-
 def _save_ops(policy: str = "official") -> set:
     """ATen ops whose outputs the selective policy saves.
 
