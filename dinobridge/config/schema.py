@@ -157,7 +157,8 @@ class TrainConfig:
     reshuffle_sampler_perm (user's key): draw a new permutation of the dataset at every pass (true, the official
       behaviour) or reuse the first one (false).
     cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped
-      with a log line otherwise). saveckp_freq: keep a checkpoint every that many epochs.
+      with a log line otherwise; each new input shape, dtype or grad mode, e.g. a kNN evaluation, recompiles the
+      blocks, so the first evaluated iterations run slower). saveckp_freq: keep a checkpoint every that many epochs.
     U (accepted, unused): data_config, monitor_gradient_norm, chunk_schedule, use_teacher_head,
       learn_from_teacher_tokens, sharded_eval_checkpoint, cell_augmentation, cell_augmentation_type.
     Ours: max_iter (null = optim.epochs * OFFICIAL_EPOCH_LENGTH; when set, training stops there but schedules keep
@@ -326,7 +327,10 @@ class CropsConfig:
     YAML). gpu_augmentation (ours): the loader workers still decode, crop, resize, flip and draw every random
     parameter (the same draws, so the same random stream and exact resume), but colour jitter, grayscale, blur,
     solarize and normalisation run batched on the accelerator (dinobridge.data.gpu_augmentation; same results as
-    the CPU path up to float rounding); share_color_jitter stays in the workers.
+    the CPU path up to float rounding); share_color_jitter stays in the workers. gpu_crops (ours; needs
+    gpu_augmentation, refuses localcrops_subset_of_globalcrops): the workers only decode and draw (same draws) and
+    ship whole uint8 images with the crop boxes; the accelerator crops, resizes and flips (dinobridge.data.gpu_crops;
+    equal to the CPU crops up to +-1 in uint8). Batch memory grows with the image size: meant for small images.
     """
 
     global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
@@ -346,6 +350,7 @@ class CropsConfig:
     use_resize_shuffle_augmentor: bool = False
     resize_shuffle_augmentor_switch: Any = None
     gpu_augmentation: bool = False
+    gpu_crops: bool = False
     # photometric settings (ours; official values hard-coded in its DataAugmentationDINO). Blur probabilities are the
     # EFFECTIVE official ones: the official wrapper passes 1 - p, so its nominal 1.0 / 0.1 / 0.5 act as 0.0 / 0.9 / 0.5.
     color_jitter_prob: float = 0.8

@@ -112,6 +112,10 @@ def _check_crops(cfg: DictConfig) -> None:
     if cfg.crops.localcrops_subset_of_globalcrops and max(local_sizes) > min(global_sizes):
         expected = "<= crops.global_crops_size with crops.localcrops_subset_of_globalcrops"
         _fail("crops.local_crops_size", expected, cfg.crops.local_crops_size)
+    if cfg.crops.get("gpu_crops") and not cfg.crops.gpu_augmentation:
+        _fail("crops.gpu_crops", "false unless crops.gpu_augmentation is true", True)
+    if cfg.crops.get("gpu_crops") and cfg.crops.localcrops_subset_of_globalcrops:
+        _fail("crops.gpu_crops", "false with crops.localcrops_subset_of_globalcrops (not supported together)", True)
     for key in ("crops.rgb_mean", "crops.rgb_std"):
         _check(cfg, key, lambda v: len(v) == 3, "3 values (R, G, B)")
     _check(cfg, "crops.rgb_std", lambda v: min(v) > 0, "values > 0")

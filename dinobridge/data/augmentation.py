@@ -36,6 +36,11 @@ blur, solarize and normalisation then run batched on the accelerator (`dinobridg
 the kernels below, which also take one parameter per image of a batch [N, 3, H, W] as a tensor [N]. Factors and
 sigmas are rounded to float32 when drawn, so both paths apply the same values (bit-identical results on the CPU).
 
+``gpu_crops`` (needs ``gpu_augmentation``; refuses ``localcrops_subset_of_globalcrops``): the same draws again, but
+no crop is made in the worker: it returns the whole uint8 image (after ``share_color_jitter``) with the crop boxes
+and flips, and `dinobridge.data.gpu_crops` resizes on the accelerator (the fixed-point arithmetic of torch's uint8
+antialiased bicubic kernel as float32 matmuls: equal to this path's crops up to +-1 on ~1 pixel in 10**6).
+
 Randomness: every random number is drawn from one ``torch.Generator``: ``aug(img, generator_seed=s)`` uses a fresh
 generator seeded with `s` (global RNG untouched; same seed -> same crops), ``aug(img)`` uses torch's global RNG (which
 a DataLoader seeds per worker). For resumable pipelines pass ``generator_seed=derive_seed(seed, rank, sample_key)``.
@@ -89,6 +94,9 @@ class MultiCropConfig:
     # True: the crops leave the workers as uint8 with their photometric parameters; `DeviceAugmentation`
     # (dinobridge.data.gpu_augmentation) applies colour / blur / solarize / normalisation on the accelerator
     gpu_augmentation: bool = False
+    # True (needs gpu_augmentation): the workers only draw the crop boxes and flips and return the whole image; the
+    # accelerator resizes (dinobridge.data.gpu_crops). Same draws; crops equal the CPU path's up to uint8 rounding
+    gpu_crops: bool = False
     # not crops.* keys: official constants, exposed
     patch_size: int = 16  # window alignment for localcrops_subset_of_globalcrops
     crops_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -144,6 +152,12 @@ class MultiCropConfig:
             raise ValueError(
                 f"blur_kernel_size: expected < 2 * smallest crop size + 1 = {2 * smallest + 1}, "
                 f"got {self.blur_kernel_size}"
+            )
+        if self.gpu_crops and not self.gpu_augmentation:
+            raise ValueError("gpu_crops: expected gpu_augmentation=True too (device crops feed the device colour ops)")
+        if self.gpu_crops and self.localcrops_subset_of_globalcrops:
+            raise ValueError(
+                "gpu_crops / localcrops_subset_of_globalcrops: expected at most one of them to be true, got both"
             )
         if self.localcrops_subset_of_globalcrops and self.local_crops_size > self.global_crops_size:
             raise ValueError(
@@ -400,6 +414,9 @@ class MultiCropAugmentation:
     "local_crops": [n_local x Tensor[3, L, L]], "offsets": [(row, col)] * n_local or ()}``.
     With ``config.gpu_augmentation`` the crops are the uint8 crops before colour ops, and ``global_photometric`` /
     ``local_photometric`` hold their draws (`photometric_tensors`); the draws, and so the random stream, are the same.
+    With ``config.gpu_crops`` the same draws give ``{"image": uint8 [3, H, W], "global_boxes": long [2, 4],
+    "local_boxes": long [n_local, 4]`` (top, left, h, w) ``, "global_flips": bool [2], "local_flips": bool [n_local],
+    "offsets": (), "global_photometric", "local_photometric"}`` and no crops.
     """
 
     n_global_crops = 2
@@ -462,6 +479,14 @@ class MultiCropAugmentation:
             )
         return out
 
+    def _blur_solarize_probs(self) -> tuple[list[float], list[float]]:
+        """Per-crop blur and solarize probabilities (global 1, global 2, locals)."""
+        c = self.config
+        n_l = c.local_crops_number
+        blur_probs = [c.global_crop_1_blur_prob, c.global_crop_2_blur_prob] + [c.local_crops_blur_prob] * n_l
+        solarize_probs = [0.0, c.global_crop_2_solarize_prob] + [0.0] * n_l
+        return blur_probs, solarize_probs
+
     # ------------------------------------------------------------------ pipelines
     def _color_(self, x: torch.Tensor, p: _Photometric) -> None:
         """ColorJitter (random order) then grayscale, in place on a float image [3, H, W]."""
@@ -512,6 +537,19 @@ class MultiCropAugmentation:
         height, width = img.shape[-2:]
         flips = (torch.rand(n_g + n_l, generator=gen) < self._flip_p).tolist()
         g_boxes = _sample_crop_boxes(gen, n_g, height, width, c.global_crops_scale, c.crops_ratio)
+        if c.gpu_crops:  # the same draws; the accelerator resizes (localcrops_subset_of_globalcrops is refused)
+            l_boxes = _sample_crop_boxes(gen, n_l, height, width, c.local_crops_scale, c.crops_ratio)
+            params = self._sample_photometric(gen, *self._blur_solarize_probs(), jitter=not c.share_color_jitter)
+            return {
+                "image": img,
+                "global_boxes": torch.tensor(g_boxes, dtype=torch.long).view(n_g, 4),
+                "local_boxes": torch.tensor(l_boxes, dtype=torch.long).view(n_l, 4),
+                "global_flips": torch.tensor(flips[:n_g], dtype=torch.bool),
+                "local_flips": torch.tensor(flips[n_g:], dtype=torch.bool),
+                "offsets": (),
+                "global_photometric": photometric_tensors(params[:n_g], c.blur_kernel_size),
+                "local_photometric": photometric_tensors(params[n_g:], c.blur_kernel_size),
+            }
         global_u8 = self._resized_crops(img, g_boxes, flips[:n_g], c.global_crops_size)
 
         offsets: Any = ()
@@ -528,9 +566,7 @@ class MultiCropAugmentation:
             l_boxes = _sample_crop_boxes(gen, n_l, height, width, c.local_crops_scale, c.crops_ratio)
             local_u8 = self._resized_crops(img, l_boxes, flips[n_g:], c.local_crops_size)
 
-        blur_probs = [c.global_crop_1_blur_prob, c.global_crop_2_blur_prob] + [c.local_crops_blur_prob] * n_l
-        solarize_probs = [0.0, c.global_crop_2_solarize_prob] + [0.0] * n_l
-        params = self._sample_photometric(gen, blur_probs, solarize_probs, jitter=not c.share_color_jitter)
+        params = self._sample_photometric(gen, *self._blur_solarize_probs(), jitter=not c.share_color_jitter)
         if c.gpu_augmentation:  # the same draws, applied later on the accelerator
             global_crops = list(global_u8.unbind(0))
             return {

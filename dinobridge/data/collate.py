@@ -81,6 +81,31 @@ def _stack_crop_major(dicts: Sequence[Mapping[str, Any]], key: str, dtype: torch
     return out
 
 
+def _stack_images(dicts: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole uint8 images [3, H_i, W_i] -> (uint8 [B, 3, Hmax, Wmax], zero-padded bottom / right; sizes long [B, 2])."""
+    images = [d["image"] for d in dicts]
+    for i, img in enumerate(images):
+        if not torch.is_tensor(img) or img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            got = f"{img.dtype} {tuple(img.shape)}" if torch.is_tensor(img) else type(img).__name__
+            raise ValueError(f"samples[{i}]['image']: expected a uint8 tensor [3, H, W], got {got}")
+    sizes = torch.tensor([list(img.shape[1:]) for img in images], dtype=torch.long).view(len(images), 2)
+    h_max, w_max = (int(v) for v in sizes.max(dim=0).values)
+    out = torch.zeros((len(images), 3, h_max, w_max), dtype=torch.uint8)
+    for dst, img in zip(out, images):
+        dst[:, : img.shape[1], : img.shape[2]].copy_(img)
+    return out, sizes
+
+
+def _stack_geometry(dicts: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor:
+    """Per-sample boxes [n, 4] or flips [n] -> crop-major [n * B, ...] (index crop * B + sample)."""
+    n = dicts[0][key].shape[0]
+    for i, d in enumerate(dicts):
+        if d[key].shape[0] != n:
+            raise ValueError(f"samples[{i}]['{key}']: expected {n} rows like samples[0], got {d[key].shape[0]}")
+    stacked = torch.stack([d[key] for d in dicts], dim=1)  # [n, B, ...]
+    return stacked.reshape(-1, *stacked.shape[2:])
+
+
 def collate_multicrop(
     samples: Sequence[Any],
     *,
@@ -97,6 +122,8 @@ def collate_multicrop(
         samples: B dicts with ``global_crops`` (n_g tensors [3, H, W]) and ``local_crops`` (n_l tensors [3, h, w]),
             optionally ``offsets`` (n_l (row, col) pairs) and, from ``crops.gpu_augmentation``,
             ``global_photometric`` / ``local_photometric`` (draws of uint8 crops); (dict, target) pairs are accepted.
+            From ``crops.gpu_crops`` the samples carry no crops but ``image`` (uint8 [3, H, W]), ``global_boxes`` /
+            ``local_boxes`` (long [n, 4]: top, left, h, w) and ``global_flips`` / ``local_flips`` (bool [n]).
         mask_generator: block mask generator on the global-crop patch grid (N = grid h * w tokens).
         rng: numpy or torch generator; the only source of randomness.
         dtype: cast of the crops (e.g. torch.bfloat16); None keeps the augmentation's dtype. Not applied to uint8
@@ -110,16 +137,28 @@ def collate_multicrop(
         offsets long [n_l*B, 2] (crop-major) only when the samples carry non-empty ``offsets``;
         global_photometric / local_photometric (crop-major draws + plan, `collate_photometric`) when the samples
         carry them.
+        With ``image`` samples (``crops.gpu_crops``), instead of the crops: images uint8 [B, 3, Hmax, Wmax] (padded
+        bottom / right), image_sizes long [B, 2] (h, w), global_boxes / local_boxes long [n*B, 4] and global_flips
+        / local_flips bool [n*B] (crop-major); the masks are drawn for n_g * B global crops as usual.
     """
     if len(samples) == 0:
         raise ValueError("samples: expected at least one sample, got an empty batch")
     dicts = [_unwrap(s) for s in samples]
     deferred = "global_photometric" in dicts[0]  # uint8 crops, colour ops on the device later
-    global_crops = _stack_crop_major(dicts, "global_crops", None if deferred else dtype)
-    local_crops = _stack_crop_major(dicts, "local_crops", None if deferred else dtype)
+    if "image" in dicts[0]:  # crops.gpu_crops: whole images + boxes, the device crops
+        images, image_sizes = _stack_images(dicts)
+        geometry = {key: _stack_geometry(dicts, key)
+                    for key in ("global_boxes", "local_boxes", "global_flips", "local_flips")}  # fmt: skip
+        crops: dict[str, Any] = {"images": images, "image_sizes": image_sizes, **geometry}
+        n_images = geometry["global_boxes"].shape[0]
+    else:
+        crops = {
+            "global_crops": _stack_crop_major(dicts, "global_crops", None if deferred else dtype),
+            "local_crops": _stack_crop_major(dicts, "local_crops", None if deferred else dtype),
+        }
+        n_images = crops["global_crops"].shape[0]
 
     rng = as_numpy_rng(rng)
-    n_images = global_crops.shape[0]
     n_tokens = mask_generator.num_patches
     counts = mask_counts(n_images, n_tokens, mask_ratio_min_max, mask_sample_probability)
     masks = torch.zeros((n_images, n_tokens), dtype=torch.bool)
@@ -133,8 +172,7 @@ def collate_multicrop(
     masks_weight = per_image.reciprocal_()[mask_indices // n_tokens]
 
     out: dict[str, Any] = {
-        "global_crops": global_crops,
-        "local_crops": local_crops,
+        **crops,
         "masks": masks,
         "mask_indices": mask_indices,
         "masks_weight": masks_weight,

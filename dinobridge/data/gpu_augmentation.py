@@ -13,6 +13,9 @@ the 4 jitter steps and each op, the indices of the crops that apply that op at t
 then the indices of the grayscale, blur and solarize crops. The device gathers each group, runs the op on it and
 scatters it back, so every crop runs each op at most once; the group sizes are Python ints, so nothing waits on the
 device. ``share_color_jitter`` stays on the CPU (it colours the whole image before cropping, as the official code).
+
+With ``crops.gpu_crops`` the workers do not crop either: the batch carries the whole images, the crop boxes and the
+flips, and `DeviceAugmentation` first makes the uint8 crops on the device (dinobridge.data.gpu_crops).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from dinobridge.data.augmentation import (
     _grayscale_,
     _solarize_,
 )
+from dinobridge.data.gpu_crops import crop_batch
 
+GEOMETRY_KEYS = ("images", "image_sizes", "global_boxes", "local_boxes", "global_flips", "local_flips")  # gpu_crops
 PARAM_KEYS = ("jitter", "order", "factors", "grayscale", "blur", "blur_sigma", "blur_taps", "solarize")
 N_JITTER_GROUPS = 16  # (step, op) for 4 steps x 4 ops; then grayscale, blur, solarize
 CROP_SETS = ("global", "local")
@@ -150,6 +155,9 @@ class DeviceAugmentation:
 
     When on, replaces ``global_crops`` / ``local_crops`` (uint8 [n * B, 3, S, S]) by normalised crops (float32, or
     `dtype`: what the CPU path's collator would give) and removes ``global_photometric`` / ``local_photometric``.
+    With ``config.gpu_crops`` the uint8 crops are first made here from ``images`` / ``*_boxes`` / ``*_flips`` (see
+    `collate_multicrop`), which are removed with ``image_sizes``; the output has the keys, shapes and dtypes of the
+    ``gpu_augmentation`` path (``local_crops`` an empty float32 tensor [0] without local crops).
 
     Args:
         config: the run's `MultiCropConfig` (``multicrop_config(cfg)``; ``augment.config`` in the trainer).
@@ -158,6 +166,9 @@ class DeviceAugmentation:
 
     def __init__(self, config: MultiCropConfig, dtype: torch.dtype | None = None) -> None:
         self.enabled = bool(config.gpu_augmentation)
+        self.gpu_crops = bool(config.gpu_crops)
+        self.crop_sizes = {"global": config.global_crops_size, "local": config.local_crops_size}
+        self._weight_tables: dict = {}  # gpu_crops: resize weights of every window, per (size, axis, device)
         self.solarize_threshold = config.solarize_threshold
         self.dtype = dtype
         # the CPU path's constants (MultiCropAugmentation), copied to each device once
@@ -166,7 +177,25 @@ class DeviceAugmentation:
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {mean.device: (mean, inv_std)}
 
     def __repr__(self) -> str:
-        return f"DeviceAugmentation(enabled={self.enabled}, dtype={self.dtype})"
+        return f"DeviceAugmentation(enabled={self.enabled}, gpu_crops={self.gpu_crops}, dtype={self.dtype})"
+
+    def _make_crops(self, out: dict[str, Any]) -> None:
+        """``crops.gpu_crops``: the batch's geometry keys -> uint8 ``global_crops`` / ``local_crops``, in place."""
+        missing = [key for key in GEOMETRY_KEYS if key not in out]
+        if missing:
+            raise ValueError(
+                f"batch: expected {missing} (crops.gpu_crops is on, so the loader's augmentation must run with "
+                f"gpu_crops=True too)"
+            )
+        geometry = {key: out.pop(key) for key in GEOMETRY_KEYS}
+        images = geometry["images"]
+        for crop_set in CROP_SETS:
+            boxes, flips = geometry[f"{crop_set}_boxes"], geometry[f"{crop_set}_flips"]
+            if boxes.shape[0] == 0:  # what collating zero crops gives on the other paths
+                out[f"{crop_set}_crops"] = torch.empty(0, device=images.device)
+            else:
+                size = self.crop_sizes[crop_set]
+                out[f"{crop_set}_crops"] = crop_batch(images, boxes, flips, size, self._weight_tables)
 
     def _constants_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._constants:
@@ -179,6 +208,8 @@ class DeviceAugmentation:
         if not self.enabled:
             return batch
         out = dict(batch)
+        if self.gpu_crops:
+            self._make_crops(out)
         for crop_set in CROP_SETS:
             params = out.pop(f"{crop_set}_photometric", None)
             if params is None:
