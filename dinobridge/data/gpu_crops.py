@@ -32,7 +32,7 @@ import torch
 BICUBIC_A = -0.5  # PIL's / torch antialias bicubic coefficient (plain bicubic uses -0.75)
 # exact int64 fixed-point weights while 32768 * (bound on a row's kernel sum) fits in int64, else rounded float32
 _INT64_BUDGET = 2**62
-TABLE_BYTES = 64 * 2**20  # largest cached window table (all windows of one axis), e.g. 64-px images at 64 px
+TABLE_BYTES = 16 * 2**20  # largest cached window table (all windows of one axis): 4 MiB for 32-px images at 32 px
 CHUNK_BYTES = 256 * 2**20  # intermediates of one group of crops in `crop_batch`
 
 
