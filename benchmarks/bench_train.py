@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print_table(rows)
-    if args.json:
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+    if args.json and rank0:  # under torchrun: one file, from rank 0
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
