@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from dinobridge.objectives.ibot import masks_weight_from_masks
+
 
 # ---------------------------------------------------------------------------------------------- steps
 def synthetic_global_batch(cfg: Any, step: int, global_batch: int) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def rank_share(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
 
     m = share(masks)
     idx = m.flatten().nonzero().flatten()
-    weight = (1.0 / m.sum(-1).clamp(min=1).float())[idx // m.shape[1]]
+    weight = masks_weight_from_masks(m)  # the collator's weights, for the share
     return {"global_crops": share(batch["global_crops"]), "local_crops": share(batch["local_crops"]), "masks": m,
             "mask_indices": idx, "masks_weight": weight, "n_masked_patches": torch.tensor([idx.numel()]),
             "upperbound": int(idx.numel())}  # fmt: skip

@@ -8,7 +8,7 @@
 #   4. the user's YAML (preset dinov3_vitlarge_pretrain) at full size on N GPUs for 100 iterations, add-ons switched
 #      on at iteration 20, then the DTCH / balancer state hashed on every rank.
 # Usage: benchmarks/multi_gpu.sh OUT_DIR [N_GPUS]     (N_GPUS: default all visible GPUs)
-# EXTRA="key=value ..." is appended to every run (e.g. a CPU dry run with a tiny model: see tests/test_multi_gpu.py).
+# EXTRA="key=value ..." is appended to every run (e.g. a CPU dry run with a tiny model, README "Multi-GPU runs").
 set -u
 OUT=${1:?usage: benchmarks/multi_gpu.sh OUT_DIR [N_GPUS]}
 N=${2:-$(python -c "import torch; print(torch.cuda.device_count())")}

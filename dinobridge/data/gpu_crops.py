@@ -143,9 +143,21 @@ def fixed_point_weights(
 
 
 def _shift_round_clamp(acc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(acc + 2**(p-1)) >> p, clamped to 0..255, on integer-valued float32 `acc` [n, 3, a, b]; p long [n]."""
-    scale = torch.exp2(precision.to(torch.float32)).view(-1, 1, 1, 1)
+    """(acc + 2**(p-1)) >> p, clamped to 0..255, in place on integer-valued float32 `acc` [..., 3, a, b]; p long
+    [...] (one precision per crop)."""
+    scale = torch.exp2(precision.to(torch.float32)).view(*precision.shape, 1, 1, 1)
     return acc.add_(scale * 0.5).div_(scale).floor_().clamp_(0.0, 255.0)
+
+
+def _two_passes(src: torch.Tensor, wx_t: torch.Tensor, px: torch.Tensor, wy: torch.Tensor,
+                py: torch.Tensor) -> torch.Tensor:
+    """Horizontal pass, round, vertical pass, round: the CPU uint8 kernel's order (see the module docstring).
+
+    src float32 [..., 3, H, W], wx_t [..., 1, W, S], wy [..., 1, S, H] (broadcast against src), px / py [...];
+    returns integer-valued float32 [..., 3, S, S].
+    """
+    cols = _shift_round_clamp(torch.matmul(src, wx_t), px)  # [..., 3, H, S]
+    return _shift_round_clamp(torch.matmul(wy, cols), py)
 
 
 @contextlib.contextmanager
@@ -194,10 +206,7 @@ def resized_crops(
         for start in range(0, n, B):
             chunk = slice(start, min(start + B, n))
             src = images.index_select(0, sample_idx[chunk]).to(torch.float32)  # [n_c, 3, H, W]
-            # horizontal pass, rounded to uint8 values, then vertical pass: the CPU uint8 kernel's order (see above)
-            cols = _shift_round_clamp(torch.matmul(src, wx_t[chunk].unsqueeze(1)), px[chunk])  # [n_c, 3, H, S]
-            rows = torch.matmul(wy[chunk].unsqueeze(1), cols)  # [n_c, 3, S, S]
-            out[chunk] = _shift_round_clamp(rows, py[chunk])
+            out[chunk] = _two_passes(src, wx_t[chunk].unsqueeze(1), px[chunk], wy[chunk].unsqueeze(1), py[chunk])
     return out
 
 
@@ -267,12 +276,5 @@ def crop_batch(
     with _full_fp32_matmul():
         for start in range(0, n_crops, step):
             c = slice(start, min(start + step, n_crops))
-            cols = _shift_round_clamp_nd(torch.matmul(src, wx_t[c]), px[c])  # [c, B, 3, H, S]
-            out[c] = _shift_round_clamp_nd(torch.matmul(wy[c], cols), py[c])
+            out[c] = _two_passes(src, wx_t[c], px[c], wy[c], py[c])  # src broadcast: [c, B, 3, S, S]
     return out.view(n, 3, size, size)
-
-
-def _shift_round_clamp_nd(acc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """`_shift_round_clamp` for acc [c, B, 3, a, b] with precision [c, B]."""
-    scale = torch.exp2(precision.to(torch.float32)).view(*precision.shape, 1, 1, 1)
-    return acc.add_(scale * 0.5).div_(scale).floor_().clamp_(0.0, 255.0)

@@ -18,7 +18,8 @@ __all__ = ["soft_cross_entropy"]
 _CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk (64 MiB)
 
 
-def _rows(n: int, k: int) -> int:
+def _rows(k: int) -> int:
+    """Rows per chunk for K classes."""
     return max(1, _CHUNK_ELEMENTS // max(k, 1))
 
 
@@ -27,7 +28,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, targets: Tensor, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         n, k = logits.shape
         out = torch.empty(n, dtype=torch.float32, device=logits.device)
-        step = _rows(n, k)
+        step = _rows(k)
         for i in range(0, n, step):
             s = logits[i:i + step].float() / temperature
             q = targets[i:i + step].float()
@@ -41,7 +42,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         targets, logits = ctx.saved_tensors
         n, k = logits.shape
         grad = torch.empty_like(logits)
-        step = _rows(n, k)
+        step = _rows(k)
         for i in range(0, n, step):
             p = torch.softmax(logits[i:i + step].float() / ctx.temperature, dim=-1)
             q = targets[i:i + step].float()
