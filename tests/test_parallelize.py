@@ -155,3 +155,28 @@ def test_cudagraphs_are_skipped_with_a_reason_where_unsafe(caplog):
     with caplog.at_level(logging.INFO, logger="dinobridge"):
         parallelize_meta_arch(_build(cfg), cfg, select_device("cpu"), 1)
     assert "CUDA graphs are skipped (cpu is not CUDA)" in caplog.text
+
+
+def test_eager_blocks_adds_no_compiled_variants():
+    """Forwards outside the train step (monitors, online evaluation) run the compiled blocks eagerly: a new batch size
+    and no-grad mode inside `eager_blocks()` capture no graph; the same call outside captures one."""
+    import torch._dynamo
+
+    from dinobridge.distributed.parallelize import eager_blocks
+    from dinobridge.models.vision_transformer import build_vit
+
+    torch._dynamo.reset()
+    model = build_vit("vit_test", patch_size=4, img_size=16)
+    for blk in model.blocks:
+        blk.compile(backend="eager")  # compile_blocks' inductor, minus the C++ build on this CPU
+    counters = torch._dynamo.utils.counters["stats"]
+    model(torch.randn(2, 3, 16, 16)).sum().backward()  # the "train step" variant
+    graphs = counters["unique_graphs"]
+    assert graphs > 0
+    with torch.no_grad(), eager_blocks():
+        y = model(torch.randn(5, 3, 16, 16))
+    assert counters["unique_graphs"] == graphs and y.shape[0] == 5
+    with torch.no_grad():
+        model(torch.randn(5, 3, 16, 16))
+    assert counters["unique_graphs"] > graphs
+    torch._dynamo.reset()

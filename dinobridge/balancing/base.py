@@ -53,8 +53,11 @@ class Balancer(nn.Module):
     def global_count(self, n_local: int, n_samples: Optional[Tensor], device: torch.device) -> Tensor:
         """Total number of rows over the group as a 0-dim fp32 tensor."""
         if n_samples is None:
-            return torch.tensor(float(n_local * world_size(self.group)), device=device)
-        count = n_samples.detach().to(device=device, dtype=torch.float32).clone().reshape(())
+            return torch.full((), float(n_local * world_size(self.group)), device=device)
+        if n_samples.device.type == "cpu":  # the collator's count: a fill on the device, not a copy that waits for it
+            count = torch.full((), float(n_samples), device=device)
+        else:
+            count = n_samples.detach().to(dtype=torch.float32).clone().reshape(())
         return all_reduce(count, "sum", self.group)
 
 

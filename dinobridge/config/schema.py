@@ -157,8 +157,8 @@ class TrainConfig:
     reshuffle_sampler_perm (user's key): draw a new permutation of the dataset at every pass (true, the official
       behaviour) or reuse the first one (false).
     cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped
-      with a log line otherwise; each new input shape, dtype or grad mode, e.g. a kNN evaluation, recompiles the
-      blocks, so the first evaluated iterations run slower). saveckp_freq: keep a checkpoint every that many epochs.
+      with a log line otherwise; the step's variants (student crops, teacher no-grad) each compile and record once;
+      evaluations and monitors run the blocks eagerly). saveckp_freq: keep a checkpoint every that many epochs.
     U (accepted, unused): data_config, monitor_gradient_norm, chunk_schedule, use_teacher_head,
       learn_from_teacher_tokens, sharded_eval_checkpoint, cell_augmentation, cell_augmentation_type.
     Ours: max_iter (null = optim.epochs * OFFICIAL_EPOCH_LENGTH; when set, training stops there but schedules keep

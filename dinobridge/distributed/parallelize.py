@@ -30,6 +30,7 @@ even when ranks were seeded differently (also done for NO_SHARD, where replicas 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any, Callable, Optional
@@ -47,6 +48,7 @@ __all__ = [
     "STRATEGIES",
     "apply_activation_checkpointing",
     "compile_blocks",
+    "eager_blocks",
     "fsdp_enabled",
     "parallelize_meta_arch",
     "parse_dtype",
@@ -160,6 +162,16 @@ def compile_blocks(backbone: nn.Module, cudagraphs: bool = False) -> None:
             blk.compile(fullgraph=True, dynamic=False, options={"triton.cudagraphs": True})
         else:
             blk.compile()
+
+
+def eager_blocks() -> Any:
+    """Context: compiled blocks run eagerly inside it (`torch.compiler.set_stance("force_eager")`).
+
+    For the forwards outside the train step (monitors, online kNN / probe / pictures, the final kNN): their batch
+    sizes, dtypes and no-grad mode would otherwise compile (and, with `train.cudagraphs`, record) new variants of
+    every block, and the guards they add slow the step's cache lookups. No-op where nothing is compiled."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- 3. FSDP2

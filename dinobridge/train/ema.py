@@ -7,12 +7,12 @@ once instead of twice. FSDP2 parameters (DTensor) are updated on their local sha
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ema_update", "paired_parameters"]
+__all__ = ["ema_pairs", "ema_update", "paired_parameters"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -41,19 +41,32 @@ def paired_parameters(teacher: nn.Module, student: nn.Module) -> Iterator[tuple[
         yield name, pt, ps
 
 
+def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(teacher parameters, student parameters), paired by name and checked (`paired_parameters`): build once and
+    pass to `ema_update(..., pairs=)`, which then skips the per-step walk over both modules."""
+    pairs = [(pt, ps) for _, pt, ps in paired_parameters(teacher, student)]
+    return [pt for pt, _ in pairs], [ps for _, ps in pairs]
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, apply: Optional[Tensor] = None,
+               pairs: Optional[tuple[list[Tensor], list[Tensor]]] = None) -> None:
     """In place: every teacher parameter ← momentum · teacher + (1 − momentum) · student (same-named parameter).
 
     momentum in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student. Buffers are not touched.
+    apply: a 0-dim bool tensor on the device; where False the teacher is left unchanged, decided on the device
+    (a skipped step, without the host reading the flag). pairs: `ema_pairs(teacher, student)`, built once.
     """
     m = float(momentum)
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"ema_update: momentum must be in [0, 1], got {momentum}")
-    teacher_list, student_list = [], []
-    for _, pt, ps in paired_parameters(teacher, student):
-        teacher_list.append(_local(pt))
-        student_list.append(_local(ps))
-    if not teacher_list or m == 1.0:
+    t_params, s_params = pairs if pairs is not None else ema_pairs(teacher, student)
+    if not t_params or m == 1.0:
         return
-    torch._foreach_lerp_(teacher_list, student_list, 1.0 - m)
+    teacher_list, student_list = [_local(p) for p in t_params], [_local(p) for p in s_params]
+    if apply is None:
+        torch._foreach_lerp_(teacher_list, student_list, 1.0 - m)
+        return
+    weight = apply.to(torch.float32) * (1.0 - m)  # 0 where not applied: t + 0 * (s - t) = t
+    weights = {dtype: weight.to(dtype) for dtype in {t.dtype for t in teacher_list}}
+    torch._foreach_lerp_(teacher_list, student_list, [weights[t.dtype] for t in teacher_list])

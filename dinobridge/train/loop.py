@@ -25,7 +25,7 @@ from dinobridge.config import save_config
 from dinobridge.data.datasets import build_train_dataset
 from dinobridge.data.loader import DevicePrefetcher, build_training_data
 from dinobridge.distributed.device import select_device
-from dinobridge.distributed.parallelize import fsdp_enabled
+from dinobridge.distributed.parallelize import eager_blocks, fsdp_enabled
 from dinobridge.distributed.setup import cleanup_distributed, init_distributed, seed_everything, set_deterministic
 from dinobridge.errors import UserError
 from dinobridge.train.checkpoint import Checkpointer, export_teacher, full_state_dict
@@ -33,7 +33,7 @@ from dinobridge.train.metrics import MetricLogger, StepTimer
 from dinobridge.train.monitors import rankme
 from dinobridge.train.online_eval import OnlineEvaluator
 from dinobridge.train.preemption import StopSignal
-from dinobridge.train.step import build_training
+from dinobridge.train.step import NonFiniteGuard, build_training
 
 log = logging.getLogger("dinobridge")
 
@@ -132,7 +132,8 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
     keep_every = ckpt_cfg.get("keep_every")
     keep_epochs = cfg.train.get("saveckp_freq")
     online_eval = OnlineEvaluator(cfg, device, is_main)
-    bad_steps, last, skipped, held, stopped_by = 0, {}, 0, None, None
+    last, skipped, held, stopped_by = {}, 0, None, None
+    guard = NonFiniteGuard(int(cfg.train.nan_max_consecutive), logger.write, checkpointer.dir)
     it = start_iter
 
     def save(keep: bool = False) -> None:
@@ -150,19 +151,17 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
                 held = batch["global_crops"][: 2 * B]
             log_step = (it + 1) % log_period == 0 or it + 1 == max_iter
             step = training.step(batch, it, monitors=log_step)
-            if not step.stepped:
-                bad_steps += 1
-                logger.write(f"iteration {it}: non-finite loss ({step.loss.item()}), step skipped "
-                             f"({bad_steps}/{cfg.train.nan_max_consecutive} consecutive)")
-                if bad_steps >= int(cfg.train.nan_max_consecutive):
-                    raise UserError(
-                        f"loss was NaN/Inf for {bad_steps} consecutive iterations (last: {it}); the last good "
-                        f"checkpoint in {checkpointer.dir} is intact. Lower optim.lr or check the data.")
-                it += 1
-                continue
-            bad_steps = 0
+            guard.push(it, step)  # reads the previous step's verdict, so the host does not wait for this step
             s = schedules.at(it)
             it += 1
+            epoch_end = it % epoch_len == 0
+            keep = bool((keep_every and it % int(keep_every) == 0)
+                        or (keep_epochs and epoch_end and (it // epoch_len) % int(keep_epochs) == 0))
+            saved = it % period == 0 or it == max_iter or keep
+            exported = it % eval_period == 0 or it == max_iter
+            evaluated = online_eval.scheduled(it, max_iter)
+            if (log_step or saved or exported or evaluated) and not guard.settle():
+                continue  # a non-finite loss: the update was skipped and nothing is logged or saved
             timer.step_done(global_batch)
 
             if log_step:
@@ -173,30 +172,28 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
                 scalars.update(schedules.extras(it - 1))
                 scalars.update(timer.summary())
                 scalars["data_skipped"] = skipped
-                with torch.no_grad(), training.autocast:
+                with torch.no_grad(), training.autocast, eager_blocks():
                     scalars["teacher_rankme"] = rankme(model.teacher.backbone.forward_features(held)["x_norm_clstoken"])
                 peak = device.peak_memory_allocated()
                 if peak is not None:
                     scalars["peak_memory_gib"] = peak / 2**30
                 logger.log(it, scalars)
                 last = scalars
-            logger.progress(1, {"loss": f"{float(step.loss):.3f}", "lr": f"{s.lr:.2e}",
+            # the loss of the last logged step: reading this step's would make the host wait for the device
+            logger.progress(1, {"loss": f"{last.get('total_loss', float('nan')):.3f}", "lr": f"{s.lr:.2e}",
                                 "img/s": f"{last.get('img_per_s', 0):.0f}"})
-            epoch_end = it % epoch_len == 0
-            keep = bool((keep_every and it % int(keep_every) == 0)
-                        or (keep_epochs and epoch_end and (it // epoch_len) % int(keep_epochs) == 0))
-            saved = it % period == 0 or it == max_iter or keep
             if saved:
                 save(keep)
-            if it % eval_period == 0 or it == max_iter:
+            if exported:
                 export_teacher(model, out, it, final=it == max_iter, write=is_main)
-            if online_eval.scheduled(it, max_iter):  # kNN / linear probe / pictures (rank 0)
+            if evaluated:  # kNN / linear probe / pictures (rank 0)
                 backbone = teacher_backbone_for_eval(model, cfg, device, is_main)  # collective under FSDP
                 if backbone is not None:
-                    online_eval(it, max_iter, backbone, logger)
+                    with eager_blocks():
+                        online_eval(it, max_iter, backbone, logger)
             stopped_by = stop_signal.requested(device.device) if it < max_iter else None
             if stopped_by is not None:
-                if not saved:
+                if not saved and guard.settle():
                     save()
                 logger.write(f"stopped by signal {stopped_by} at iteration {it}/{max_iter}; checkpoint saved in "
                              f"{checkpointer.dir}; run the same command to resume")
@@ -210,7 +207,8 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
     if bool(cfg.evaluation.get("knn_at_end", False)) and it >= max_iter:
         backbone = teacher_backbone_for_eval(model, cfg, device, is_main)  # collective under FSDP
         if is_main:
-            summary["knn"] = _final_knn(cfg, backbone, device, out)
+            with eager_blocks():
+                summary["knn"] = _final_knn(cfg, backbone, device, out)
     if distinfo.world_size > 1:
         dist.barrier()
     cleanup_distributed()

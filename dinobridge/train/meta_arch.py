@@ -153,6 +153,7 @@ class SSLMetaArch(nn.Module):
             if not g.ema_teacher:
                 self.gram_teacher = build_backbone(cfg.student, teacher=True).requires_grad_(False)
         self.n_gram_updates = 0
+        self._ema_pairs: Optional[tuple[list[Tensor], list[Tensor]]] = None  # update_teacher's cache
         if resize_shuffle is None:
             resize_shuffle = cfg.get("MODEL") is not None and cfg.MODEL.get("META_ARCHITECTURE") == "SSLResizeShuffle"
         self._register_addons(cfg, bool(resize_shuffle))
@@ -394,7 +395,7 @@ class SSLMetaArch(nn.Module):
         start = n_main
         for name, part in zip(view_names, parts[len(parts) - len(view_names):]):
             m = part.shape[0]
-            count = torch.tensor(float(m), device=logits.device)
+            count = torch.full((), float(m), device=logits.device)
             # read-only: the view's targets see the same history as the iBOT targets and do not count in it
             view_targets[name] = self.ibot_balancer(logits[start:start + m], teacher_temp, n_samples=count,
                                                     update=False)
@@ -412,11 +413,16 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ after the optimizer step
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student, over backbone and both heads."""
-        from dinobridge.train.ema import ema_update
+    def update_teacher(self, momentum: float, apply: Optional[Tensor] = None) -> None:
+        """EMA: teacher <- m * teacher + (1 - m) * student, over backbone and both heads (`ema_update`; apply: a
+        0-dim bool tensor, False leaves the teacher unchanged)."""
+        from dinobridge.train.ema import ema_pairs, ema_update
 
-        ema_update(self.teacher, self._student_shared(), momentum)
+        first = next(self.teacher.parameters(), None)
+        if self._ema_pairs is None or not self._ema_pairs[0] or self._ema_pairs[0][0] is not first:
+            # paired by name once; built again if the parameters were replaced (to_empty, FSDP2 sharding)
+            self._ema_pairs = ema_pairs(self.teacher, self._student_shared())
+        ema_update(self.teacher, self._student_shared(), momentum, apply, pairs=self._ema_pairs)
 
     def _student_shared(self) -> nn.Module:
         """The student submodules that have a teacher copy (student-only add-ons such as the bridge left out)."""

@@ -15,6 +15,10 @@ single-process initialisation (the cost: each rank briefly holds the whole fp32 
   schedules -> zero grads -> forward (student + teacher + objectives, under autocast) -> backward
   -> gradient all-reduce (replicated parameters only; FSDP2 reduce-scatters in backward) -> per-submodule clipping
   (global norms, DTensor-aware) -> loss averaged over ranks -> skip when not finite -> AdamW -> EMA -> Gram teacher
+
+The skip is decided on the device where the optimizer can (fused AdamW, no FSDP2 shards: `skips_on_device`), so a
+step never waits for the device and the host can launch step k+1 while step k computes; `NonFiniteGuard` reads the
+verdicts a step late. Elsewhere the host reads the loss before the optimizer step, as the official code.
 """
 
 from __future__ import annotations
@@ -22,18 +26,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Optional
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinobridge.distributed.parallelize import fsdp_enabled, parallelize_meta_arch, parse_dtype
+from dinobridge.errors import UserError
 from dinobridge.train.meta_arch import build_meta_arch
 from dinobridge.train.optim import apply_schedule, build_optimizer, build_param_groups, clip_grad_norms
 from dinobridge.train.schedules import Schedules, ScheduleValues, build_schedules
 
-__all__ = ["StepResult", "Training", "all_reduce_grads", "build_training", "replicated_params", "train_step"]
+__all__ = ["NonFiniteGuard", "StepResult", "Training", "all_reduce_grads", "build_training", "replicated_params", "skips_on_device", "train_step"]
 
 log = logging.getLogger("dinobridge")
 
@@ -70,12 +75,61 @@ def replicated_params(module: nn.Module) -> list[nn.Parameter]:
 class StepResult:
     """What one step produced. loss: 0-dim fp32 tensor, the weighted loss averaged over ranks; terms: the logged
     loss terms of this rank (0-dim tensors); grad_norms: {submodule: global L2 norm before clipping} (0-dim);
-    stepped: False when the loss was NaN/Inf and the optimizer step and EMA were skipped."""
+    ok: False when the loss was NaN/Inf and the optimizer step and EMA were skipped: a bool, or a 0-dim bool tensor
+    on the device when the skip was decided there (reading `stepped` then waits for the step to finish)."""
 
     loss: Tensor
     terms: dict[str, Tensor]
     grad_norms: dict[str, Tensor]
-    stepped: bool
+    ok: Union[bool, Tensor]
+
+    @property
+    def stepped(self) -> bool:
+        return bool(self.ok)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True when a non-finite step can be skipped without the host reading the loss: a fused Adam(W) leaves the
+    parameters and its state unchanged where its `found_inf` is 1 (the GradScaler mechanism), and no parameter is
+    an FSDP2 shard (the host check stays there)."""
+    groups = optimizer.param_groups
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in groups)
+            and not any(hasattr(p, "to_local") for g in groups for p in g["params"]))
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite steps (`train.nan_max_consecutive`) and stops the run with a message.
+
+    A step's verdict is read as late as possible, so that the host keeps launching work while the device computes:
+    `push(it, step)` reads the previous step's verdict (that step has finished, or nearly, by the time the next one
+    is launched) and keeps this one pending; `settle()` reads the pending one at once and says whether it stepped
+    (call it before logging or saving)."""
+
+    def __init__(self, max_consecutive: int, write: Any, checkpoint_dir: Any) -> None:
+        self.max_consecutive, self.write, self.checkpoint_dir = int(max_consecutive), write, checkpoint_dir
+        self.consecutive = 0
+        self._pending: Optional[tuple[int, StepResult]] = None
+
+    def push(self, it: int, step: StepResult) -> None:
+        self.settle()
+        self._pending = (it, step)
+
+    def settle(self) -> bool:
+        if self._pending is None:
+            return True
+        it, step = self._pending
+        self._pending = None
+        if step.stepped:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.write(f"iteration {it}: non-finite loss ({step.loss.item()}), step skipped "
+                   f"({self.consecutive}/{self.max_consecutive} consecutive)")
+        if self.consecutive >= self.max_consecutive:
+            raise UserError(
+                f"loss was NaN/Inf for {self.consecutive} consecutive iterations (last: {it}); the last good "
+                f"checkpoint in {self.checkpoint_dir} is intact. Lower optim.lr or check the data.")
+        return False
 
 
 def train_step(
@@ -93,6 +147,7 @@ def train_step(
     params: Optional[list[nn.Parameter]] = None,
     group: Optional[Any] = None,
     cudagraphs: bool = False,
+    device_skip: Optional[bool] = None,
 ) -> StepResult:
     """One training iteration of `model` (an `SSLMetaArch`, possibly FSDP2-sharded) on this rank's `batch`.
 
@@ -101,7 +156,8 @@ def train_step(
     (0/None: no clipping, no norms); monitors: also compute the target statistics (logging steps); params: the
     trainable student parameters that are replicated, whose gradients are all-reduced here (default:
     `replicated_params(model.student)`: all of them without FSDP, none when fully sharded); group: the
-    data-parallel group (default: the default group); cudagraphs: the blocks run as CUDA graphs (`train.cudagraphs`).
+    data-parallel group (default: the default group); cudagraphs: the blocks run as CUDA graphs (`train.cudagraphs`);
+    device_skip: skip a non-finite step on the device (default: `skips_on_device(optimizer)`).
     Collective on every rank of a distributed run.
     """
     apply_schedule(optimizer, sched.lr, sched.wd, sched.last_layer_lr)
@@ -122,13 +178,21 @@ def train_step(
     if world > 1:
         dist.all_reduce(mean_loss, group=group)
         mean_loss /= world
-    if not bool(torch.isfinite(mean_loss)):  # every rank sees the same reduced value, so all skip together
+    # every rank sees the same reduced value, so all skip together
+    if skips_on_device(optimizer) if device_skip is None else device_skip:
+        finite = torch.isfinite(mean_loss)
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]  # read by fused Adam(W)
+        optimizer.step()
+        model.update_teacher(sched.momentum, apply=finite)
+        model.maybe_update_gram_teacher(it)
+        return StepResult(mean_loss, terms, norms, ok=finite)
+    if not bool(torch.isfinite(mean_loss)):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, terms, norms, stepped=False)
+        return StepResult(mean_loss, terms, norms, ok=False)
     optimizer.step()
     model.update_teacher(sched.momentum)
     model.maybe_update_gram_teacher(it)
-    return StepResult(mean_loss, terms, norms, stepped=True)
+    return StepResult(mean_loss, terms, norms, ok=True)
 
 
 @dataclass
@@ -137,7 +201,8 @@ class Training:
 
     epoch_len: train.OFFICIAL_EPOCH_LENGTH; total_iter: optim.epochs x epoch_len (the schedules' span);
     global_batch: batch_size_per_gpu x world size; fsdp: the model is FSDP2-sharded; replicated: the trainable
-    parameters that are not sharded (all of them without FSDP), whose gradients the step all-reduces."""
+    parameters that are not sharded (all of them without FSDP), whose gradients the step all-reduces; device_skip:
+    a non-finite step is skipped on the device (`skips_on_device`)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -150,12 +215,13 @@ class Training:
     clip_grad: Optional[float]
     replicated: list[nn.Parameter] = field(default_factory=list)
     cudagraphs: bool = False
+    device_skip: bool = False
 
     def step(self, batch: dict[str, Any], it: int, monitors: bool = False) -> StepResult:
         return train_step(
             self.model, self.optimizer, batch, self.schedules.at(it), it, epoch=it / self.epoch_len,
             extras=self.schedules.extras(it), autocast=self.autocast, clip_grad=self.clip_grad, monitors=monitors,
-            params=self.replicated, cudagraphs=self.cudagraphs,
+            params=self.replicated, cudagraphs=self.cudagraphs, device_skip=self.device_skip,
         )
 
 
@@ -191,4 +257,5 @@ def build_training(cfg: Any, device: Any, distinfo: Any, *, force_fsdp: bool = F
         replicated=replicated_params(model.student),
         cudagraphs=bool(cfg.train.get("cudagraphs", False)) and bool(cfg.train.get("compile", False))
         and device.type == "cuda",
+        device_skip=skips_on_device(optimizer),
     )
