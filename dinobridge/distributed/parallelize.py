@@ -164,7 +164,7 @@ def compile_blocks(backbone: nn.Module, cudagraphs: bool = False) -> None:
             blk.compile()
 
 
-def eager_blocks() -> Any:
+def eager_blocks() -> contextlib.AbstractContextManager[Any]:
     """Context: compiled blocks run eagerly inside it (`torch.compiler.set_stance("force_eager")`).
 
     For the forwards outside the train step (monitors, online kNN / probe / pictures, the final kNN): their batch

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,10 @@ from dinobridge.train.meta_arch import build_meta_arch
 from dinobridge.train.optim import apply_schedule, build_optimizer, build_param_groups, clip_grad_norms
 from dinobridge.train.schedules import Schedules, ScheduleValues, build_schedules
 
-__all__ = ["NonFiniteGuard", "StepResult", "Training", "all_reduce_grads", "build_training", "replicated_params", "skips_on_device", "train_step"]
+__all__ = [
+    "NonFiniteGuard", "StepResult", "Training", "all_reduce_grads", "build_training", "replicated_params",
+    "skips_on_device", "train_step",
+]
 
 log = logging.getLogger("dinobridge")
 
@@ -105,7 +108,7 @@ class NonFiniteGuard:
     is launched) and keeps this one pending; `settle()` reads the pending one at once and says whether it stepped
     (call it before logging or saving)."""
 
-    def __init__(self, max_consecutive: int, write: Any, checkpoint_dir: Any) -> None:
+    def __init__(self, max_consecutive: int, write: Callable[[str], None], checkpoint_dir: Any) -> None:
         self.max_consecutive, self.write, self.checkpoint_dir = int(max_consecutive), write, checkpoint_dir
         self.consecutive = 0
         self._pending: Optional[tuple[int, StepResult]] = None
@@ -186,6 +189,8 @@ def train_step(
         model.update_teacher(sched.momentum, apply=finite)
         model.maybe_update_gram_teacher(it)
         return StepResult(mean_loss, terms, norms, ok=finite)
+    if getattr(optimizer, "found_inf", None) is not None:
+        optimizer.found_inf = None  # type: ignore[attr-defined]  # left by a device-skipped step: not this one's
     if not bool(torch.isfinite(mean_loss)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(mean_loss, terms, norms, ok=False)
