@@ -14,7 +14,7 @@ from dinobridge.data.collate import MultiCropCollator
 from dinobridge.distributed.device import select_device
 from dinobridge.distributed.setup import DistInfo
 from dinobridge.errors import UserError
-from dinobridge.train.ema import ema_pairs, ema_update
+from dinobridge.train.ema import ema_lerp_, ema_pairs, ema_update
 from dinobridge.train.step import NonFiniteGuard, StepResult, build_training, skips_on_device, train_step
 
 B = 4
@@ -142,6 +142,6 @@ def test_teacher_ema_pairs_are_cached_and_rebuilt_when_parameters_change():
     teacher, student = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     other = torch.nn.Linear(3, 3)
     other.load_state_dict(teacher.state_dict())
-    ema_update(teacher, student, 0.7, pairs=ema_pairs(teacher, student))
+    ema_lerp_(ema_pairs(teacher, student), 0.7)
     ema_update(other, student, 0.7)
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), other.parameters()))

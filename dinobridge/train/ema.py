@@ -1,6 +1,6 @@
 """Teacher EMA: θ_t ← m·θ_t + (1 − m)·θ_s over all parameters, buffers untouched (reference §1.7).
 
-Implemented as one `torch._foreach_lerp_(θ_t, θ_s, 1 − m)` per (device, dtype) bucket, which equals the official
+Implemented as one `torch._foreach_lerp_(θ_t, θ_s, 1 − m)` over all parameters, which equals the official
 `_foreach_mul_(θ_t, m); _foreach_add_(θ_t, θ_s, alpha=1 − m)` up to float rounding while reading/writing memory
 once instead of twice. FSDP2 parameters (DTensor) are updated on their local shards, like the official code.
 """
@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ema_pairs", "ema_update", "paired_parameters"]
+__all__ = ["ema_lerp_", "ema_pairs", "ema_update", "paired_parameters"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -42,25 +42,24 @@ def paired_parameters(teacher: nn.Module, student: nn.Module) -> Iterator[tuple[
 
 
 def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """(teacher parameters, student parameters), paired by name and checked (`paired_parameters`): build once and
-    pass to `ema_update(..., pairs=)`, which then skips the per-step walk over both modules."""
+    """(teacher parameters, student parameters), paired by name and checked (`paired_parameters`); build once and
+    call `ema_lerp_` every step to skip the walk over both modules."""
     pairs = [(pt, ps) for _, pt, ps in paired_parameters(teacher, student)]
     return [pt for pt, _ in pairs], [ps for _, ps in pairs]
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, apply: Optional[Tensor] = None,
-               pairs: Optional[tuple[list[Tensor], list[Tensor]]] = None) -> None:
-    """In place: every teacher parameter ← momentum · teacher + (1 − momentum) · student (same-named parameter).
+def ema_lerp_(pairs: tuple[list[Tensor], list[Tensor]], momentum: float, apply: Optional[Tensor] = None) -> None:
+    """In place on `ema_pairs` output: teacher ← momentum · teacher + (1 − momentum) · student.
 
-    momentum in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student. Buffers are not touched.
-    apply: a 0-dim bool tensor on the device; where False the teacher is left unchanged, decided on the device
-    (a skipped step, without the host reading the flag). pairs: `ema_pairs(teacher, student)`, built once.
+    momentum in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student. apply: a 0-dim bool tensor on the
+    device; where False the teacher is left unchanged, decided on the device (a skipped step, without the host
+    reading the flag).
     """
     m = float(momentum)
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"ema_update: momentum must be in [0, 1], got {momentum}")
-    t_params, s_params = pairs if pairs is not None else ema_pairs(teacher, student)
+    t_params, s_params = pairs
     if not t_params or m == 1.0:
         return
     teacher_list, student_list = [_local(p) for p in t_params], [_local(p) for p in s_params]
@@ -70,3 +69,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, apply: O
     weight = apply.to(torch.float32) * (1.0 - m)  # 0 where not applied: t + 0 * (s - t) = t
     weights = {dtype: weight.to(dtype) for dtype in {t.dtype for t in teacher_list}}
     torch._foreach_lerp_(teacher_list, student_list, [weights[t.dtype] for t in teacher_list])
+
+
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, apply: Optional[Tensor] = None) -> None:
+    """In place: every teacher parameter ← momentum · teacher + (1 − momentum) · student (same-named parameter);
+    buffers are not touched. `ema_lerp_(ema_pairs(teacher, student), momentum, apply)`."""
+    ema_lerp_(ema_pairs(teacher, student), momentum, apply)

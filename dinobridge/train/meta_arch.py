@@ -414,15 +414,15 @@ class SSLMetaArch(nn.Module):
     # ------------------------------------------------------------------ after the optimizer step
     @torch.no_grad()
     def update_teacher(self, momentum: float, apply: Optional[Tensor] = None) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student, over backbone and both heads (`ema_update`; apply: a
+        """EMA: teacher <- m * teacher + (1 - m) * student, over backbone and both heads (`ema_lerp_`; apply: a
         0-dim bool tensor, False leaves the teacher unchanged)."""
-        from dinobridge.train.ema import ema_pairs, ema_update
+        from dinobridge.train.ema import ema_lerp_, ema_pairs
 
         first = next(self.teacher.parameters(), None)
-        if self._ema_pairs is None or not self._ema_pairs[0] or self._ema_pairs[0][0] is not first:
-            # paired by name once; built again if the parameters were replaced (to_empty, FSDP2 sharding)
+        if self._ema_pairs is None or next(iter(self._ema_pairs[0]), None) is not first:
+            # paired by name once; again if the parameters were replaced (FSDP2 sharding, a new submodule)
             self._ema_pairs = ema_pairs(self.teacher, self._student_shared())
-        ema_update(self.teacher, self._student_shared(), momentum, apply, pairs=self._ema_pairs)
+        ema_lerp_(self._ema_pairs, momentum, apply)
 
     def _student_shared(self) -> nn.Module:
         """The student submodules that have a teacher copy (student-only add-ons such as the bridge left out)."""
