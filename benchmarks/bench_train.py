@@ -18,12 +18,14 @@ Examples (one GPU):
   python benchmarks/bench_train.py --config-file ../shared/fixtures/official_vitl16_im1k_recipe.yaml \
       --variant compiled: --variant "eager-fp32:train.compile=false compute_precision.param_dtype=fp32"
   python benchmarks/bench_train.py --config-name cifar10_vits4 --data /data/cifar10/train
-Prints one row per variant, and writes them as JSON with --json.
+Prints one row per variant, and writes them as JSON with --json. ``--host-profile DIR`` writes a cProfile of the
+main process over each measured window (where the host time goes when the run is host-bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import math
@@ -122,6 +124,9 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
     if device.type == "cuda":  # model, gradients, optimizer state between steps
         static_gib = torch.cuda.memory_allocated() / 2**30
     # the measured window: as in training, the host runs ahead of the device (no wait between steps)
+    host_profile = cProfile.Profile() if args.host_profile else None
+    if host_profile is not None:
+        host_profile.enable()
     t_start = time.perf_counter()
     for it in range(args.warmup, args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -130,6 +135,10 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
         result = training.step(batch, it)
     _sync(device.device)
     window_s = time.perf_counter() - t_start
+    if host_profile is not None:  # the main process only (loader workers are other processes)
+        host_profile.disable()
+        Path(args.host_profile).mkdir(parents=True, exist_ok=True)
+        host_profile.dump_stats(Path(args.host_profile) / f"{name}.prof")
     step_s = window_s / args.steps
     B = int(cfg.train.batch_size_per_gpu)
     extra_views = max(sum(seen) // B - 2, 0)
@@ -188,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:OVERRIDES (space-separated key=value), repeatable; default: one variant 'default:'")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--host-profile", default=None, metavar="DIR",
+                   help="cProfile the main process over the measured window: DIR/<variant>.prof (pstats)")
     p.add_argument("--fsdp", action="store_true",
                    help="FSDP2 even on one process (a 1-rank group), as the official trainer always runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")

@@ -19,7 +19,9 @@ import torch
 from dinobridge.data import augmentation as A
 from dinobridge.data.augmentation import MultiCropAugmentation, MultiCropConfig, photometric_tensors
 from dinobridge.data.collate import MultiCropCollator
-from dinobridge.data.gpu_augmentation import DeviceAugmentation, apply_photometric, photometric_plan
+from dinobridge.data.gpu_augmentation import (
+    DENSE_KEYS, DeviceAugmentation, apply_photometric, photometric_dense, photometric_plan,
+)
 from dinobridge.data.loader import build_train_loader, multicrop_config
 from dinobridge.data.synthetic import ProceduralShapes
 
@@ -83,6 +85,36 @@ def test_device_path_equals_cpu_path_bit_for_bit(name, config):
         for key in ("masks", "mask_indices", "masks_weight", "offsets"):
             if key in ref:
                 assert torch.equal(out[key], ref[key]), (name, key)
+
+
+@pytest.mark.parametrize("config", [{**SMALL, **DENSE}, {**SMALL, **DENSE, "blur_kernel_size": 5, "hue": 0.5}])
+def test_dense_form_equals_the_grouped_form(config):
+    """`photometric_dense` (every op on every crop, kept by `torch.where`; what the trainer compiles on CUDA) gives
+    the grouped path's images bit for bit on the CPU."""
+    mean, inv_std = torch.rand(1, 3, 1, 1), 1 + torch.rand(1, 3, 1, 1)
+    for _, deferred, gpu in _batches(config):
+        for key in ("global", "local"):
+            crops, params = deferred[f"{key}_crops"], deferred[f"{key}_photometric"]
+            grouped = apply_photometric(crops, params, mean=mean, inv_std=inv_std, solarize_threshold=0.5)
+            dense = photometric_dense(crops, {k: params[k] for k in DENSE_KEYS}, mean, inv_std, 0.5)
+            assert torch.equal(dense, grouped), (key, (dense - grouped).abs().max())
+            assert not torch.equal(grouped, crops.float().div(255).sub(mean).mul(inv_std))  # ops did run
+        # compile=True compiles on CUDA only: on the CPU the grouped form runs (nothing is compiled)
+        augment = DeviceAugmentation(gpu.config, compile=True)
+        out = augment(dict(deferred))
+        assert augment._compiled is None
+        assert torch.equal(out["global_crops"], DeviceAugmentation(gpu.config)(dict(deferred))["global_crops"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled dense form runs on CUDA only")
+def test_compiled_dense_form_matches_the_cpu_path_on_cuda():
+    for ref, deferred, gpu in _batches({**SMALL, **DENSE}):
+        on_gpu = {k: ({f: t.cuda() for f, t in v.items() if torch.is_tensor(t)} | {"plan_splits": v["plan_splits"]}
+                      if isinstance(v, dict) else v.cuda() if torch.is_tensor(v) else v) for k, v in deferred.items()}
+        out = DeviceAugmentation(gpu.config, compile=True)(on_gpu)
+        for key in ("global_crops", "local_crops"):
+            diff = (out[key].cpu() - ref[key]).abs()
+            assert (diff > 1e-4).float().mean() < 1e-3, (key, diff.max())  # solarize-threshold ties only
 
 
 def test_output_dtype_follows_the_collator_cast():

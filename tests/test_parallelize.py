@@ -180,3 +180,60 @@ def test_eager_blocks_adds_no_compiled_variants():
         model(torch.randn(5, 3, 16, 16))
     assert counters["unique_graphs"] > graphs
     torch._dynamo.reset()
+
+
+def test_compile_scope_resolution(caplog):
+    import logging
+
+    from dinobridge.distributed.parallelize import compile_scope
+
+    assert compile_scope("auto", cudagraphs=True, sharded=False) == "stack"
+    assert compile_scope("auto", cudagraphs=False, sharded=False) == "blocks"
+    assert compile_scope("stack", cudagraphs=False, sharded=False) == "stack"
+    with caplog.at_level(logging.INFO, logger="dinobridge"):
+        assert compile_scope("stack", cudagraphs=False, sharded=True) == "blocks"
+    assert "compiled per block instead (FSDP2 shards each block)" in caplog.text
+    with pytest.raises(ConfigError, match="train.compile_scope: expected one of auto, blocks, stack, got 'model'"):
+        compile_scope("model", cudagraphs=False, sharded=False)
+    with pytest.raises(ConfigError, match="train.compile_scope"):
+        _cfg(["train.compile_scope=model"])
+
+
+def test_compile_stack_is_one_graph_with_the_same_outputs(monkeypatch):
+    """`compile_stack` runs the block stack as one compiled graph per forward (per-block compilation runs one per
+    block); outputs, gradients and state-dict keys are those of the eager model."""
+    import torch._dynamo
+
+    from dinobridge.distributed.parallelize import compile_blocks, compile_stack
+    from dinobridge.models.vision_transformer import build_vit
+
+    calls: list[int] = []
+
+    def counting_backend(gm, example_inputs):  # eager execution (no C++ build on this CPU), counting graph calls
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting_backend))
+    x = torch.randn(2, 3, 16, 16)
+    graph_calls = {}
+    for scope, compile_fn in (("stack", compile_stack), ("blocks", compile_blocks)):
+        torch.manual_seed(0)
+        ref = build_vit("vit_test", patch_size=4, img_size=16)
+        model = build_vit("vit_test", patch_size=4, img_size=16)
+        model.load_state_dict(ref.state_dict())
+        torch._dynamo.reset()
+        compile_fn(model)
+        calls.clear()
+        out = model(x)
+        graph_calls[scope] = len(calls)
+        out.sum().backward()
+        expected = ref(x)
+        expected.sum().backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad)
+        assert list(model.state_dict()) == list(ref.state_dict())
+    assert graph_calls == {"stack": 1, "blocks": len(ref.blocks)}, graph_calls
+    torch._dynamo.reset()

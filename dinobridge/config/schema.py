@@ -18,6 +18,7 @@ from dinobridge.config.schedules import ScheduleConfig, SchedulesConfig
 
 DEVICES = ("auto", "cpu", "cuda", "npu", "xpu", "mps")
 CHECKPOINTING_POLICIES = ("official", "matmuls")  # train.checkpointing_policy (see distributed/parallelize.py)
+COMPILE_SCOPES = ("auto", "blocks", "stack")  # train.compile_scope (see distributed/parallelize.py)
 
 
 @dataclass
@@ -158,7 +159,10 @@ class TrainConfig:
       behaviour) or reuse the first one (false).
     cudagraphs: CUDA graphs for the compiled blocks (one CUDA process without activation checkpointing; skipped
       with a log line otherwise; the step's variants (student crops, teacher no-grad) each compile and record once;
-      evaluations and monitors run the blocks eagerly). saveckp_freq: keep a checkpoint every that many epochs.
+      evaluations and monitors run the blocks eagerly). compile_scope (ours): what one compiled graph covers:
+      "blocks" (one per transformer block, as the official code; FSDP2 needs it), "stack" (all blocks as one graph:
+      one call per forward instead of one per block, fewer host launches, longer compilation) or "auto" (stack
+      where CUDA graphs apply, else blocks). saveckp_freq: keep a checkpoint every that many epochs.
     U (accepted, unused): data_config, monitor_gradient_norm, chunk_schedule, use_teacher_head,
       learn_from_teacher_tokens, sharded_eval_checkpoint, cell_augmentation, cell_augmentation_type.
     Ours: max_iter (null = optim.epochs * OFFICIAL_EPOCH_LENGTH; when set, training stops there but schedules keep
@@ -185,6 +189,7 @@ class TrainConfig:
     checkpointing_policy: str = "official"
     compile: bool = True
     cudagraphs: bool = False
+    compile_scope: str = "auto"
     sharded_eval_checkpoint: bool = False
     cache_dataset: bool = False
     # keys of official recipes / the user's YAML that are not in the official default file

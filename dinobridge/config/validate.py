@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dinobridge.config.dataset_spec import parse_dataset_string
-from dinobridge.config.schema import CHECKPOINTING_POLICIES, DEVICES
+from dinobridge.config.schema import CHECKPOINTING_POLICIES, COMPILE_SCOPES, DEVICES
 from dinobridge.errors import ConfigError
 
 META_ARCHITECTURES = ("SSLMetaArch", "SSLResizeShuffle", "MultiDistillationMetaArch")
@@ -248,6 +248,7 @@ def _check_model_and_optim(cfg: DictConfig) -> None:
     _one_of(cfg, "compute_precision.reduce_dtype", DTYPES)
     _one_of(cfg, "compute_precision.sharding_strategy", SHARDING)
     _one_of(cfg, "train.checkpointing_policy", CHECKPOINTING_POLICIES)
+    _one_of(cfg, "train.compile_scope", COMPILE_SCOPES)
     _check(cfg, "student.patch_size", _positive, "an int > 0")
     _check(cfg, "student.drop_path_rate", lambda v: 0 <= v < 1, "a rate in [0, 1)")
     _check(cfg, "student.n_storage_tokens", _non_negative, "an int >= 0")

@@ -14,6 +14,11 @@ then the indices of the grayscale, blur and solarize crops. The device gathers e
 scatters it back, so every crop runs each op at most once; the group sizes are Python ints, so nothing waits on the
 device. ``share_color_jitter`` stays on the CPU (it colours the whole image before cropping, as the official code).
 
+Where the run compiles (``train.compile`` on CUDA), the same ops run instead as one compiled function over every
+crop (`photometric_dense`: each op computed for all crops and kept where the crop's plan has it, `torch.where`),
+which inductor fuses into a few kernels: the grouped form launches ~200 small kernels per crop set, and at short
+steps those launches, not the device, set the pace. Both forms give the same images (a test compares them).
+
 With ``crops.gpu_crops`` the workers do not crop either: the batch carries the whole images, the crop boxes and the
 flips, and `DeviceAugmentation` first makes the uint8 crops on the device (dinobridge.data.gpu_crops).
 """
@@ -39,6 +44,7 @@ from dinobridge.data.gpu_crops import crop_batch
 
 GEOMETRY_KEYS = ("images", "image_sizes", "global_boxes", "local_boxes", "global_flips", "local_flips")  # gpu_crops
 PARAM_KEYS = ("jitter", "order", "factors", "grayscale", "blur", "blur_sigma", "blur_taps", "solarize")
+DENSE_KEYS = ("jitter", "order", "factors", "grayscale", "blur", "blur_taps", "solarize")  # photometric_dense
 N_JITTER_GROUPS = 16  # (step, op) for 4 steps x 4 ops; then grayscale, blur, solarize
 CROP_SETS = ("global", "local")
 
@@ -149,6 +155,44 @@ def apply_photometric(
     return x if dtype is None or dtype == torch.float32 else x.to(dtype)
 
 
+def photometric_dense(
+    crops: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    solarize_threshold: float,
+) -> torch.Tensor:
+    """`apply_photometric` without groups: every op on every crop, kept where the crop has it (static shapes).
+
+    Args:
+        crops: uint8 [N, 3, S, S]. params: the per-crop draws (``jitter``, ``order``, ``factors``, ``grayscale``,
+            ``blur``, ``blur_taps``, ``solarize``; `photometric_tensors` fields, collated) on the crops' device.
+        mean, inv_std: float32 [1, 3, 1, 1]. Returns float32 [N, 3, S, S].
+    """
+    hsv_offsets = torch.arange(5, 0, -2, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+    kernels: tuple[Callable[[torch.Tensor, torch.Tensor], None], ...] = (
+        _adjust_brightness_, _adjust_contrast_, _adjust_saturation_,
+        lambda sub, factor: _adjust_hue_(sub, factor, hsv_offsets),
+    )  # fmt: skip
+    factors = params["factors"].to(torch.float32)
+    active = params["jitter"].unsqueeze(1) & (factors != torch.tensor(IDENTITY_FACTORS, device=factors.device))
+
+    def where_(flag: torch.Tensor, fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        fn(y)
+        return torch.where(flag.view(-1, 1, 1, 1), y, x)
+
+    x = crops.to(torch.float32).mul_(1.0 / 255.0)
+    for step in range(4):
+        for op, kernel in enumerate(kernels):
+            here = active[:, op] & (params["order"][:, step] == op)
+            x = where_(here, lambda y: kernel(y, factors[:, op]), x)
+    x = where_(params["grayscale"], _grayscale_, x)
+    x = where_(params["blur"], lambda y: _blur_with_taps_(y, params["blur_taps"].to(torch.float32)), x)
+    x = where_(params["solarize"], lambda y: _solarize_(y, solarize_threshold), x)
+    return x.sub_(mean).mul_(inv_std)
+
+
 class DeviceAugmentation:
     """The device half of ``crops.gpu_augmentation``: ``batch = device_augment(batch)`` right after the batch is on
     the device; a no-op returning `batch` itself when the key is off.
@@ -162,10 +206,14 @@ class DeviceAugmentation:
     Args:
         config: the run's `MultiCropConfig` (``multicrop_config(cfg)``; ``augment.config`` in the trainer).
         dtype: output dtype of the crops, as the collator's ``dtype`` (None = float32).
+        compile: on CUDA devices, run `photometric_dense` compiled (``train.compile``); elsewhere, or when False,
+            the grouped `apply_photometric`.
     """
 
-    def __init__(self, config: MultiCropConfig, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: MultiCropConfig, dtype: torch.dtype | None = None, compile: bool = False) -> None:
         self.enabled = bool(config.gpu_augmentation)
+        self.compile = bool(compile)
+        self._compiled: Callable[..., torch.Tensor] | None = None
         self.gpu_crops = bool(config.gpu_crops)
         self.crop_sizes = {"global": config.global_crops_size, "local": config.local_crops_size}
         self._weight_tables: dict = {}  # gpu_crops: resize weights of every window, per (size, axis, device)
@@ -177,7 +225,8 @@ class DeviceAugmentation:
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {mean.device: (mean, inv_std)}
 
     def __repr__(self) -> str:
-        return f"DeviceAugmentation(enabled={self.enabled}, gpu_crops={self.gpu_crops}, dtype={self.dtype})"
+        return (f"DeviceAugmentation(enabled={self.enabled}, gpu_crops={self.gpu_crops}, dtype={self.dtype}, "
+                f"compile={self.compile})")
 
     def _make_crops(self, out: dict[str, Any]) -> None:
         """``crops.gpu_crops``: the batch's geometry keys -> uint8 ``global_crops`` / ``local_crops``, in place."""
@@ -219,8 +268,22 @@ class DeviceAugmentation:
                 )
             crops = out[f"{crop_set}_crops"]
             mean, inv_std = self._constants_on(crops.device)
-            out[f"{crop_set}_crops"] = apply_photometric(
-                crops, params, mean=mean, inv_std=inv_std, solarize_threshold=self.solarize_threshold,
-                dtype=self.dtype,
-            )  # fmt: skip
+            if self.compile and crops.device.type == "cuda" and crops.numel():
+                out[f"{crop_set}_crops"] = self._dense(crops, params, mean, inv_std)
+            else:
+                out[f"{crop_set}_crops"] = apply_photometric(
+                    crops, params, mean=mean, inv_std=inv_std, solarize_threshold=self.solarize_threshold,
+                    dtype=self.dtype,
+                )  # fmt: skip
         return out
+
+    def _dense(self, crops: torch.Tensor, params: Mapping[str, Any], mean: torch.Tensor,
+               inv_std: torch.Tensor) -> torch.Tensor:
+        """The compiled `photometric_dense` (one graph per crop shape; the draws are copied to the device first)."""
+        if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
+            raise ValueError(f"crops: expected uint8 [N, 3, S, S], got {crops.dtype} {tuple(crops.shape)}")
+        if self._compiled is None:
+            self._compiled = torch.compile(photometric_dense, dynamic=False)
+        draws = {key: params[key].to(crops.device, non_blocking=True) for key in DENSE_KEYS}
+        x = self._compiled(crops, draws, mean, inv_std, self.solarize_threshold)
+        return x if self.dtype is None or self.dtype == torch.float32 else x.to(self.dtype)

@@ -351,4 +351,4 @@ def build_training_data(
         seed=int(cfg.train.seed), start_iter=start_iter, num_workers=int(cfg.train.num_workers),
         pin_memory=pin_memory,
     )  # fmt: skip
-    return TrainingData(loader, DeviceAugmentation(augment.config))
+    return TrainingData(loader, DeviceAugmentation(augment.config, compile=bool(cfg.train.get("compile", False))))

@@ -272,8 +272,7 @@ class VisionTransformer(nn.Module):
             tokens.append(t)
             ropes.append(rope)
             keeps.append(keep)
-        for blk in self.blocks:
-            tokens = blk(tokens, ropes)
+        tokens = self.run_blocks(tokens, ropes)
         outs = []
         for i, (t, m, keep) in enumerate(zip(tokens, masks_list, keeps)):
             out = self._norm_outputs(t, m, local=(i == 1))
@@ -283,6 +282,13 @@ class VisionTransformer(nn.Module):
                 out["x_norm_regtokens"] = out["x_storage_tokens"]  # DINOv2's name for the same tokens
             outs.append(out)
         return outs
+
+    def run_blocks(self, tokens: list[Tensor], ropes: list[Optional[tuple[Tensor, Tensor]]]) -> list[Tensor]:
+        """Every block over the token batches [B_i, N_i, D] (one method, so that `train.compile_scope=stack` can
+        compile the whole stack as one graph)."""
+        for blk in self.blocks:
+            tokens = blk(tokens, ropes)
+        return tokens
 
     def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False) -> Any:
         """`is_training=False`: the normed CLS embedding [B, D]; `True`: the dict(s) of `forward_features`."""
