@@ -138,7 +138,8 @@ def run_variant(name: str, args: argparse.Namespace, overrides: list[str]) -> di
     if host_profile is not None:  # the main process only (loader workers are other processes)
         host_profile.disable()
         Path(args.host_profile).mkdir(parents=True, exist_ok=True)
-        host_profile.dump_stats(Path(args.host_profile) / f"{name}.prof")
+        suffix = f".rank{distinfo.rank}" if distinfo.world_size > 1 else ""
+        host_profile.dump_stats(Path(args.host_profile) / f"{name}{suffix}.prof")
     step_s = window_s / args.steps
     B = int(cfg.train.batch_size_per_gpu)
     extra_views = max(sum(seen) // B - 2, 0)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="NAME:OVERRIDES (space-separated key=value), repeatable; default: one variant 'default:'")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--host-profile", default=None, metavar="DIR",
-                   help="cProfile the main process over the measured window: DIR/<variant>.prof (pstats)")
+                   help="cProfile the main process over the measured window: DIR/<variant>[.rankR].prof (pstats)")
     p.add_argument("--fsdp", action="store_true",
                    help="FSDP2 even on one process (a 1-rank group), as the official trainer always runs")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
