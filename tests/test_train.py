@@ -329,6 +329,29 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys)
     assert Checkpointer(run / "ckpt").latest() is not None
 
 
+def test_stop_signal_after_a_non_finite_step_saves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    """A stop request right after a step whose loss was not finite (one not logged, so its verdict is read at the
+    stop): nothing is saved over the last good checkpoint, and the line says so instead of "checkpoint saved"."""
+    from dinobridge.train.preemption import StopSignal
+
+    run = tmp_path / "run"
+    assert run_cli(["--output-dir", str(run), *TINY, "train.max_iter=2", "checkpointing.period=1"], capsys)[0] == 0
+    ckpt = run / "ckpt" / "00000002.pth"
+    state = torch.load(ckpt, weights_only=False)
+    for k, v in state["model"].items():
+        if k.startswith("student.backbone.blocks") and v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(state, ckpt)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
+    monkeypatch.setattr(StopSignal, "requested", lambda self, device: 15)
+    code, out, err = run_cli(["--output-dir", str(run), *TINY, "optim.epochs=2", "train.log_period=5",
+                              "checkpointing.period=100", "train.nan_max_consecutive=10"], capsys)
+    assert code == 128 + 15, err
+    text = (run / "log.txt").read_text() + out + err
+    assert "stopped by signal 15 at iteration 3/8; this step's loss was not finite, so nothing was saved" in text
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()} == before
+
+
 def test_torchrun_two_processes_share_one_run_directory(tmp_path):
     """2 CPU processes (gloo) under torchrun, replicated (NO_SHARD; the FSDP2 default is tested in
     tests/test_fsdp_train.py): one run directory, only rank 0 writes logs and single-file checkpoints."""

@@ -193,9 +193,12 @@ def _train(cfg: Any, resume: bool, device: Any, distinfo: Any, out: Path) -> dic
                         online_eval(it, max_iter, backbone, logger)
             stopped_by = stop_signal.requested(device.device) if it < max_iter else None
             if stopped_by is not None:
-                if not saved and guard.settle():
+                good = saved or guard.settle()
+                if not saved and good:
                     save()
-                logger.write(f"stopped by signal {stopped_by} at iteration {it}/{max_iter}; checkpoint saved in "
+                where = ("checkpoint saved in" if good else
+                         "this step's loss was not finite, so nothing was saved; the last good checkpoint is in")
+                logger.write(f"stopped by signal {stopped_by} at iteration {it}/{max_iter}; {where} "
                              f"{checkpointer.dir}; run the same command to resume")
                 break
             timer.skip()  # logging, checkpoints and evaluation count neither as data wait nor as compute
