@@ -309,17 +309,21 @@ def test_resume_with_incompatible_config_is_refused(tmp_path, capsys):
     _one_line_error(code, err, "dino.head_n_prototypes", "--no-resume")
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys):
-    run = tmp_path / "run"
+def _run_with_poisoned_student(run, capsys) -> None:
+    """Train 2 iterations into `run`, then poison the student in the latest checkpoint: every later loss is NaN."""
     code, _, err = run_cli(["--output-dir", str(run), *TINY, "train.max_iter=2", "checkpointing.period=1"], capsys)
     assert code == 0, err
-    # poison the student in the latest checkpoint: every following loss is NaN
     ckpt = run / "ckpt" / "00000002.pth"
     state = torch.load(ckpt, weights_only=False)
     for k, v in state["model"].items():
         if k.startswith("student.backbone.blocks") and v.is_floating_point():
             v.fill_(float("nan"))
     torch.save(state, ckpt)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    _run_with_poisoned_student(run, capsys)
     before = sorted(p.name for p in (run / "ckpt").iterdir())
     code, _, err = run_cli(["--output-dir", str(run), *TINY, "optim.epochs=2", "train.nan_max_consecutive=2"], capsys)
     _one_line_error(code, err, "NaN", "intact")
@@ -335,13 +339,7 @@ def test_stop_signal_after_a_non_finite_step_saves_nothing_and_says_so(tmp_path,
     from dinobridge.train.preemption import StopSignal
 
     run = tmp_path / "run"
-    assert run_cli(["--output-dir", str(run), *TINY, "train.max_iter=2", "checkpointing.period=1"], capsys)[0] == 0
-    ckpt = run / "ckpt" / "00000002.pth"
-    state = torch.load(ckpt, weights_only=False)
-    for k, v in state["model"].items():
-        if k.startswith("student.backbone.blocks") and v.is_floating_point():
-            v.fill_(float("nan"))
-    torch.save(state, ckpt)
+    _run_with_poisoned_student(run, capsys)
     before = {p.name: p.stat().st_mtime_ns for p in (run / "ckpt").iterdir()}
     monkeypatch.setattr(StopSignal, "requested", lambda self, device: 15)
     code, out, err = run_cli(["--output-dir", str(run), *TINY, "optim.epochs=2", "train.log_period=5",

@@ -92,6 +92,21 @@ def collate_photometric(per_sample: Sequence[Mapping[str, torch.Tensor]]) -> dic
     return out
 
 
+def _check_crops(crops: torch.Tensor) -> None:
+    if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
+        raise ValueError(f"crops: expected uint8 [N, 3, S, S], got {crops.dtype} {tuple(crops.shape)}")
+
+
+def _jitter_kernels(device: torch.device) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], ...]:
+    """The in-place colour-jitter kernels in op-code order (brightness, contrast, saturation, hue), one factor per
+    image; `_HSV_CHANNEL_OFFSETS` (5, 3, 1) is made on the device: no host copy, which could wait for the device."""
+    hsv_offsets = torch.arange(5, 0, -2, dtype=torch.float32, device=device).view(3, 1, 1)
+    return (
+        _adjust_brightness_, _adjust_contrast_, _adjust_saturation_,
+        lambda sub, factor: _adjust_hue_(sub, factor, hsv_offsets),
+    )  # fmt: skip
+
+
 def _on_subset_(x: torch.Tensor, idx: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
     """Run the in-place `fn` on the images ``x[idx]`` (all of x when idx covers it, as nonzero() sorts)."""
     if idx.shape[0] == x.shape[0]:
@@ -122,8 +137,7 @@ def apply_photometric(
     """
     if crops.numel() == 0:
         return crops
-    if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
-        raise ValueError(f"crops: expected uint8 [N, 3, S, S], got {crops.dtype} {tuple(crops.shape)}")
+    _check_crops(crops)
     splits = [int(n) for n in params["plan_splits"]]
     if len(splits) != N_JITTER_GROUPS + 3:
         raise ValueError(f"params['plan_splits']: expected {N_JITTER_GROUPS + 3} group sizes, got {len(splits)}")
@@ -131,13 +145,7 @@ def apply_photometric(
     indices = params["plan_indices"].to(device, non_blocking=True).split(splits)
     values = params["plan_values"].to(device, non_blocking=True).split(splits)
     blur_taps = params["plan_blur_taps"].to(device, non_blocking=True)
-
-    # _HSV_CHANNEL_OFFSETS (5, 3, 1) made on the device: no host copy, which could wait for the device
-    hsv_offsets = torch.arange(5, 0, -2, dtype=torch.float32, device=device).view(3, 1, 1)
-    kernels: tuple[Callable[[torch.Tensor, torch.Tensor], None], ...] = (
-        _adjust_brightness_, _adjust_contrast_, _adjust_saturation_,
-        lambda sub, factor: _adjust_hue_(sub, factor, hsv_offsets),
-    )  # fmt: skip
+    kernels = _jitter_kernels(device)
 
     x = crops.to(torch.float32).mul_(1.0 / 255.0)
     for group in range(N_JITTER_GROUPS):  # step-major: the ops of step s before those of step s + 1
@@ -169,11 +177,7 @@ def photometric_dense(
             ``blur``, ``blur_taps``, ``solarize``; `photometric_tensors` fields, collated) on the crops' device.
         mean, inv_std: float32 [1, 3, 1, 1]. Returns float32 [N, 3, S, S].
     """
-    hsv_offsets = torch.arange(5, 0, -2, dtype=torch.float32, device=crops.device).view(3, 1, 1)
-    kernels: tuple[Callable[[torch.Tensor, torch.Tensor], None], ...] = (
-        _adjust_brightness_, _adjust_contrast_, _adjust_saturation_,
-        lambda sub, factor: _adjust_hue_(sub, factor, hsv_offsets),
-    )  # fmt: skip
+    kernels = _jitter_kernels(crops.device)
     factors = params["factors"].to(torch.float32)
     active = params["jitter"].unsqueeze(1) & (factors != torch.tensor(IDENTITY_FACTORS, device=factors.device))
 
@@ -280,8 +284,7 @@ class DeviceAugmentation:
     def _dense(self, crops: torch.Tensor, params: Mapping[str, Any], mean: torch.Tensor,
                inv_std: torch.Tensor) -> torch.Tensor:
         """The compiled `photometric_dense` (one graph per crop shape; the draws are copied to the device first)."""
-        if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
-            raise ValueError(f"crops: expected uint8 [N, 3, S, S], got {crops.dtype} {tuple(crops.shape)}")
+        _check_crops(crops)
         if self._compiled is None:
             self._compiled = torch.compile(photometric_dense, dynamic=False)
         draws = {key: params[key].to(crops.device, non_blocking=True) for key in DENSE_KEYS}
